@@ -1,0 +1,552 @@
+"""
+One-time data preparation, and the fixed runtime utilities that train.py imports.
+
+Usage:
+    uv run prepare.py                     # 10 training shards + the validation shard, then the tokenizer
+    uv run prepare.py --num-shards 100    # more training data (-1 = all 6542 training shards)
+
+This file is the ground truth of every experiment: the constants, the tokenizer, the
+dataloader and evaluate_bpb. The agent never edits it, and it never imports train.py.
+
+Environment:
+    AUTORESEARCH_CACHE_DIR   cache root (default ~/.cache/autoresearch), with data/ and tokenizer/ under it
+    HF_ENDPOINT              Hugging Face host or mirror (default https://huggingface.co)
+"""
+
+import argparse
+import bisect
+import itertools
+import math
+import os
+import pickle
+import queue
+import sys
+import threading
+import time
+from collections import deque
+from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
+
+import numpy as np
+import pyarrow.parquet as pq
+import requests
+import torch
+
+# -----------------------------------------------------------------------------
+# Constants (fixed: val_bpb is only comparable across runs that share them)
+
+MAX_SEQ_LEN = 2048            # context length, tokens
+TIME_BUDGET = 300             # training time per experiment, seconds of wall clock
+EVAL_TOKENS = 40 * 524288     # validation tokens evaluated by evaluate_bpb (20,971,520)
+VOCAB_SIZE = 8192             # tokenizer vocabulary, the 4 special tokens included
+
+CACHE_DIR = os.environ.get("AUTORESEARCH_CACHE_DIR") or os.path.join(os.path.expanduser("~"), ".cache", "autoresearch")
+DATA_DIR = os.path.join(CACHE_DIR, "data")
+TOKENIZER_DIR = os.path.join(CACHE_DIR, "tokenizer")
+TOKENIZER_FILE = os.path.join(TOKENIZER_DIR, "tokenizer.pkl")
+TOKEN_BYTES_FILE = os.path.join(TOKENIZER_DIR, "token_bytes.pt")
+
+HF_ENDPOINT = (os.environ.get("HF_ENDPOINT") or "https://huggingface.co").rstrip("/")
+BASE_URL = f"{HF_ENDPOINT}/datasets/karpathy/climbmix-400b-shuffle/resolve/main"
+MAX_SHARD = 6542              # shards are shard_00000 ... shard_06542
+VAL_SHARD = MAX_SHARD         # the last shard is pinned for validation, never trained on
+VAL_FILENAME = f"shard_{VAL_SHARD:05d}.parquet"
+
+# GPT-4's split pattern, except numbers split into groups of 1-2 digits (not 1-3)
+SPLIT_PATTERN = r"""'(?i:[sdmt]|ll|ve|re)|[^\r\n\p{L}\p{N}]?+\p{L}+|\p{N}{1,2}| ?[^\s\p{L}\p{N}]++[\r\n]*|\s*[\r\n]|\s+(?!\S)|\s+"""
+SPECIAL_TOKENS = [f"<|reserved_{i}|>" for i in range(4)]
+BOS_TOKEN = SPECIAL_TOKENS[0]
+TOKENIZER_DOC_CHARS = 10_000          # each document is cut to this many characters for BPE training
+TOKENIZER_MAX_CHARS = 1_000_000_000   # total characters of BPE training text
+
+DOWNLOAD_ATTEMPTS = 5
+DOWNLOAD_TIMEOUT = float(os.environ.get("AUTORESEARCH_HTTP_TIMEOUT", 30))  # seconds without a byte before retrying
+BACKOFF_SECONDS = float(os.environ.get("AUTORESEARCH_BACKOFF_S", 2))       # sleep 2, 4, 8, 16 s between attempts
+
+
+class DataError(SystemExit):
+    """A missing or broken file under the cache. Exits with this one-line message and status 1, no traceback."""
+
+    def __init__(self, message):
+        super().__init__(f"error: {message}")
+
+
+def shard_name(index):
+    return f"shard_{index:05d}.parquet"
+
+
+def list_shards():
+    """Complete shards on disk, in file order (temporary files never match)."""
+    if not os.path.isdir(DATA_DIR):
+        return []
+    names = [n for n in os.listdir(DATA_DIR) if n.startswith("shard_") and n.endswith(".parquet") and len(n) == 19]
+    return [os.path.join(DATA_DIR, n) for n in sorted(names)]
+
+
+def shard_problem(path):
+    """None if `path` is a parquet file with a `text` column, else what is wrong. Reads only the footer (cheap)."""
+    try:
+        names = pq.ParquetFile(path).schema_arrow.names
+    except Exception as e:
+        return f"not a valid parquet file ({e})"
+    return None if "text" in names else f"a parquet file with no 'text' column (columns: {names})"
+
+
+def shard_paths(split):
+    """The shards of a split, checked up front so a bad cache fails before training, not after it."""
+    assert split in ("train", "val"), split
+    hint = "run `uv run prepare.py` to download the data"
+    if not os.path.isdir(DATA_DIR):
+        raise DataError(f"no data directory at {DATA_DIR}; {hint}.")
+    paths = list_shards()
+    if not paths:
+        raise DataError(f"no shards in {DATA_DIR}; {hint}.")
+    val_path = os.path.join(DATA_DIR, VAL_FILENAME)
+    if split == "val":
+        paths = [val_path] if val_path in paths else []
+        if not paths:
+            raise DataError(f"validation shard {val_path} is missing; {hint}.")
+    else:
+        paths = [p for p in paths if p != val_path]
+        if not paths:
+            raise DataError(f"no training shards in {DATA_DIR} (only the validation shard); {hint}.")
+    for p in paths:
+        problem = shard_problem(p)
+        if problem:
+            raise DataError(f"{p} is {problem}. Delete it and re-run `uv run prepare.py`.")
+    return paths
+
+# -----------------------------------------------------------------------------
+# Download
+
+
+def _remove_stale_temp_files():
+    """Temporary files of processes that died mid-download (name: <shard>.<pid>.<thread>.tmp)."""
+    for name in os.listdir(DATA_DIR):
+        if not name.endswith(".tmp"):
+            continue
+        try:
+            pid = int(name.split(".")[-3])
+            os.kill(pid, 0)
+            continue  # its writer is still alive (another prepare.py on the same cache)
+        except (ValueError, IndexError, ProcessLookupError):
+            pass
+        except PermissionError:
+            continue
+        try:
+            os.remove(os.path.join(DATA_DIR, name))
+        except FileNotFoundError:
+            pass
+
+
+def download_shard(index, progress=None):
+    """Fetches one shard to a temporary file, checks it, renames it into place. Returns None or an error string."""
+    name = shard_name(index)
+    path = os.path.join(DATA_DIR, name)
+    if os.path.exists(path):
+        return None
+    url = f"{BASE_URL}/{name}"
+    tmp = f"{path}.{os.getpid()}.{threading.get_ident()}.tmp"
+    error = ""
+    for attempt in range(1, DOWNLOAD_ATTEMPTS + 1):
+        try:
+            with requests.get(url, stream=True, timeout=(10, DOWNLOAD_TIMEOUT)) as r:
+                if r.status_code != 200:
+                    raise OSError(f"HTTP {r.status_code}")
+                expected = r.headers.get("Content-Length") if "Content-Encoding" not in r.headers else None
+                received = 0
+                with open(tmp, "wb") as f:
+                    for chunk in r.iter_content(chunk_size=1 << 20):
+                        f.write(chunk)
+                        received += len(chunk)
+                        if progress is not None:
+                            progress(len(chunk))
+                    f.flush()
+                    os.fsync(f.fileno())
+            if expected is not None and received != int(expected):
+                raise OSError(f"connection closed after {received} of {expected} bytes")
+            problem = shard_problem(tmp)
+            if problem:
+                raise OSError(f"the response is {problem}")
+            os.replace(tmp, path)  # atomic: a file named shard_*.parquet is always complete
+            return None
+        except (requests.RequestException, OSError) as e:
+            error = str(e) or type(e).__name__
+            if os.path.exists(tmp):
+                os.remove(tmp)
+            if attempt < DOWNLOAD_ATTEMPTS:
+                time.sleep(BACKOFF_SECONDS * 2 ** (attempt - 1))
+    return f"{name}: {error} (after {DOWNLOAD_ATTEMPTS} attempts, {url})"
+
+
+def download_data(num_shards, download_workers=8):
+    """Training shards 0..num_shards-1 plus the validation shard. Exits non-zero naming any shard that failed."""
+    os.makedirs(DATA_DIR, exist_ok=True)
+    _remove_stale_temp_files()
+    num_train = MAX_SHARD if num_shards == -1 else min(num_shards, MAX_SHARD)
+    indices = list(range(num_train)) + [VAL_SHARD]
+    for i in indices:  # a shard that is on disk but broken is fetched again
+        path = os.path.join(DATA_DIR, shard_name(i))
+        problem = shard_problem(path) if os.path.exists(path) else None
+        if problem:
+            print(f"{path} is {problem}; downloading it again")
+            os.remove(path)
+    todo = [i for i in indices if not os.path.exists(os.path.join(DATA_DIR, shard_name(i)))]
+    print(f"Data: {len(indices) - len(todo)}/{len(indices)} shards already in {DATA_DIR}, downloading {len(todo)} from {BASE_URL}")
+    failures = []
+    if todo:
+        lock, received = threading.Lock(), [0]
+
+        def progress(n):
+            with lock:
+                received[0] += n
+
+        interactive = sys.stdout.isatty()
+        t0 = time.time()
+        with ThreadPoolExecutor(max_workers=max(1, download_workers)) as pool:
+            pending = {pool.submit(download_shard, i, progress) for i in todo}
+            while pending:
+                done, pending = wait(pending, timeout=1.0, return_when=FIRST_COMPLETED)
+                failures += [f.result() for f in done if f.result() is not None]
+                if done or interactive:
+                    line = (f"  {len(todo) - len(pending)}/{len(todo)} files, {received[0] / 1e6:.1f} MB, "
+                            f"{received[0] / 1e6 / max(time.time() - t0, 1e-9):.1f} MB/s")
+                    print(f"\r{line}" if interactive else line, end="" if interactive else "\n", flush=True)
+        if interactive:
+            print()
+    ready = sum(os.path.exists(os.path.join(DATA_DIR, shard_name(i))) for i in indices)
+    print(f"Data: {ready}/{len(indices)} shards ready in {DATA_DIR}")
+    if failures:
+        for f in sorted(failures):
+            print(f"  failed: {f}", file=sys.stderr)
+        raise SystemExit(f"error: {len(failures)} shard(s) failed to download; re-run `uv run prepare.py` to fetch only the missing ones.")
+
+# -----------------------------------------------------------------------------
+# Tokenizer
+
+
+def _tokenizer_texts():
+    """BPE training text: training shards only, in file and row-group order, documents cut to 10k characters."""
+    nchars = 0
+    for path in shard_paths("train"):
+        pf = pq.ParquetFile(path)
+        for rg in range(pf.num_row_groups):
+            for text in pf.read_row_group(rg, columns=["text"]).column("text").to_pylist():
+                doc = text[:TOKENIZER_DOC_CHARS]
+                nchars += len(doc)
+                yield doc
+                if nchars >= TOKENIZER_MAX_CHARS:
+                    return
+
+
+def _save_atomic(obj, path, save):
+    tmp = f"{path}.{os.getpid()}.tmp"
+    with open(tmp, "wb") as f:
+        save(obj, f)
+    os.replace(tmp, path)
+
+
+def train_tokenizer():
+    """Trains the BPE once (skipped when a loadable tokenizer exists). A file lock makes concurrent runs wait, not race."""
+    os.makedirs(TOKENIZER_DIR, exist_ok=True)
+    with open(os.path.join(TOKENIZER_DIR, ".lock"), "w") as lock:
+        try:
+            import fcntl
+            fcntl.flock(lock, fcntl.LOCK_EX)
+        except ImportError:  # Windows: no lock, still atomic renames
+            pass
+        try:
+            Tokenizer.from_directory()
+            print(f"Tokenizer: already trained in {TOKENIZER_DIR}")
+            return
+        except DataError:
+            pass
+        import rustbpe
+        import tiktoken
+        t0 = time.time()
+        bpe = rustbpe.Tokenizer()
+        bpe.train_from_iterator(_tokenizer_texts(), VOCAB_SIZE - len(SPECIAL_TOKENS), pattern=SPLIT_PATTERN)
+        ranks = {bytes(k): v for k, v in bpe.get_mergeable_ranks()}
+        specials = {name: len(ranks) + i for i, name in enumerate(SPECIAL_TOKENS)}  # appended after the learned tokens
+        enc = tiktoken.Encoding(name="rustbpe", pat_str=bpe.get_pattern(), mergeable_ranks=ranks, special_tokens=specials)
+        assert enc.n_vocab == VOCAB_SIZE, f"trained {enc.n_vocab} tokens, expected {VOCAB_SIZE}: too little training text?"
+        # bytes per token as the reference counts them: the token decoded alone (a lone invalid byte becomes
+        # U+FFFD, 3 bytes), re-encoded as UTF-8; 0 for the special tokens so evaluate_bpb skips them
+        token_bytes = [0 if i in specials.values() else len(enc.decode([i]).encode("utf-8")) for i in range(enc.n_vocab)]
+        sample = "Hello world! Numbers: 123, 4567.89. Unicode: 你好世界, привет, مرحبا 🚀"
+        assert enc.decode(enc.encode_ordinary(sample)) == sample, "tokenizer round trip failed"
+        _save_atomic(torch.tensor(token_bytes, dtype=torch.int32), TOKEN_BYTES_FILE, torch.save)
+        _save_atomic(enc, TOKENIZER_FILE, pickle.dump)
+        print(f"Tokenizer: trained {enc.n_vocab} tokens in {time.time() - t0:.1f}s, saved to {TOKENIZER_DIR}")
+
+
+class Tokenizer:
+    """tiktoken encoding trained by prepare.py: 8188 learned tokens, then the 4 special tokens (BOS first)."""
+
+    def __init__(self, enc):
+        self.enc = enc
+        self.bos_token_id = enc.encode_single_token(BOS_TOKEN)
+
+    @classmethod
+    def from_directory(cls, tokenizer_dir=TOKENIZER_DIR):
+        path = os.path.join(tokenizer_dir, "tokenizer.pkl")
+        hint = "run `uv run prepare.py` to train it"
+        if not os.path.exists(path) or not os.path.exists(os.path.join(tokenizer_dir, "token_bytes.pt")):
+            raise DataError(f"tokenizer not found in {tokenizer_dir}; {hint}.")
+        try:
+            with open(path, "rb") as f:
+                enc = pickle.load(f)
+            tokenizer = cls(enc)
+            token_bytes = get_token_bytes(tokenizer_dir=tokenizer_dir)
+        except DataError:
+            raise
+        except Exception as e:
+            raise DataError(f"{path} is corrupt ({type(e).__name__}); delete {tokenizer_dir} and {hint}.") from None
+        if enc.n_vocab != VOCAB_SIZE or len(token_bytes) != enc.n_vocab:
+            raise DataError(f"tokenizer in {tokenizer_dir} has {enc.n_vocab} tokens and {len(token_bytes)} byte "
+                            f"lengths, expected {VOCAB_SIZE}; delete {tokenizer_dir} and {hint}.")
+        return tokenizer
+
+    def get_vocab_size(self):
+        return self.enc.n_vocab
+
+    def get_bos_token_id(self):
+        return self.bos_token_id
+
+    def encode(self, text, prepend=None, num_threads=8):
+        """str -> list[int]; list[str] -> list[list[int]], encoded in parallel. `prepend`: a token id or string."""
+        if isinstance(prepend, str):
+            prepend = self.enc.encode_single_token(prepend)
+        if isinstance(text, str):
+            ids = self.enc.encode_ordinary(text)
+            return ids if prepend is None else [prepend] + ids
+        ids = self.enc.encode_ordinary_batch(text, num_threads=num_threads)
+        return ids if prepend is None else [[prepend] + row for row in ids]
+
+    def decode(self, ids):
+        return self.enc.decode(ids)
+
+
+def get_token_bytes(device="cpu", tokenizer_dir=TOKENIZER_DIR):
+    """int32 (vocab,): UTF-8 byte length of each token, 0 for special tokens."""
+    path = os.path.join(tokenizer_dir, "token_bytes.pt")
+    try:
+        token_bytes = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:
+        raise DataError(f"{path} is missing or corrupt ({type(e).__name__}); delete {tokenizer_dir} and run "
+                        "`uv run prepare.py` to train the tokenizer again.") from None
+    return token_bytes.to(device)
+
+# -----------------------------------------------------------------------------
+# Dataloader: BOS-aligned best-fit packing, prepared in a background thread
+
+
+def _document_batches(paths, batch_size=128):
+    """(texts, epoch) forever: shards in file order, row group by row group, 128 documents at a time."""
+    for epoch in itertools.count(1):
+        for path in paths:
+            try:
+                pf = pq.ParquetFile(path)
+                for rg in range(pf.num_row_groups):
+                    texts = pf.read_row_group(rg, columns=["text"]).column("text").to_pylist()
+                    for i in range(0, len(texts), batch_size):
+                        yield texts[i:i + batch_size], epoch
+            except DataError:
+                raise
+            except Exception as e:
+                raise DataError(f"cannot read {path} ({e}). Delete it and re-run `uv run prepare.py`.") from None
+
+
+class DocumentBuffer:
+    """Tokenized documents waiting to be packed, indexed by length.
+
+    Picks exactly what a scan of the documents in arrival order would pick (the largest that fits, else the
+    shortest; the earliest on ties) in O(log n) instead of O(n) per pick: one FIFO queue per length and a
+    sorted list of the lengths present."""
+
+    def __init__(self):
+        self.by_length = {}   # length -> deque of documents, earliest first
+        self.lengths = []     # sorted distinct lengths present
+        self.count = 0
+
+    def add(self, doc):
+        n = len(doc)
+        q = self.by_length.get(n)
+        if q is None:
+            q = self.by_length[n] = deque()
+            bisect.insort(self.lengths, n)
+        q.append(doc)
+        self.count += 1
+
+    def pop(self, room):
+        """The earliest of the largest documents of length <= room, else the earliest of the shortest."""
+        i = bisect.bisect_right(self.lengths, room) - 1
+        n = self.lengths[max(i, 0)]
+        q = self.by_length[n]
+        doc = q.popleft()
+        if not q:
+            del self.by_length[n]
+            del self.lengths[max(i, 0)]
+        self.count -= 1
+        return doc
+
+
+def pack_batches(tokenizer, B, T, doc_batches, buffer_size=1000):
+    """(rows, epoch) forever, rows an int64 (B, T+1) array with no padding, each row starting with BOS.
+
+    Each row is filled left to right: take the largest buffered document that fits whole in the room left;
+    if none fits, take the shortest, keep its first `room` tokens and drop the rest. The buffer is topped up
+    to `buffer_size` documents before each pick."""
+    bos = tokenizer.get_bos_token_id()
+    buffer = DocumentBuffer()
+    epoch = 1
+    while True:
+        rows = np.empty((B, T + 1), dtype=np.int64)
+        for r in range(B):
+            pos = 0
+            while pos <= T:
+                while buffer.count < buffer_size:
+                    texts, epoch = next(doc_batches)
+                    docs = tokenizer.encode(texts, prepend=bos)
+                    flat = np.fromiter(itertools.chain.from_iterable(docs), dtype=np.int64)
+                    ends = np.cumsum([len(d) for d in docs])
+                    for start, end in zip(itertools.chain([0], ends), ends):
+                        buffer.add(flat[start:end])
+                doc = buffer.pop(T + 1 - pos)
+                n = min(len(doc), T + 1 - pos)
+                rows[r, pos:pos + n] = doc[:n]
+                pos += n
+        yield rows, epoch
+
+
+class DataLoader:
+    """Iterator of (inputs, targets, epoch), inputs and targets (B, T) int64 on `device`.
+
+    A daemon thread reads, tokenizes and packs up to `prefetch` batches ahead of the training loop. Errors in
+    it are raised from next(). It stops when the loader is closed or garbage collected."""
+
+    def __init__(self, batches, B, T, device, prefetch=2):
+        self.B, self.T, self.device = B, T, torch.device(device)
+        self.wait_seconds = 0.0  # time next() spent blocked on the worker (for benchmarks)
+        self._queue = queue.Queue(maxsize=prefetch)
+        self._stop = threading.Event()
+        pin = self.device.type == "cuda"  # pinned host memory makes the copy asynchronous
+        # the worker must not reference self, or the loader could never be garbage collected
+        self._thread = threading.Thread(target=self._work, args=(batches, B, T, pin, self._queue, self._stop),
+                                        name="dataloader", daemon=True)
+        self._thread.start()
+
+    @staticmethod
+    def _work(batches, B, T, pin, q, stop):
+        def put(item):
+            while not stop.is_set():
+                try:
+                    q.put(item, timeout=0.1)
+                    return True
+                except queue.Full:
+                    pass
+            return False
+
+        try:
+            for rows, epoch in batches:
+                buf = torch.empty(2 * B * T, dtype=torch.long, pin_memory=pin)  # inputs then targets, one copy
+                buf[:B * T].view(B, T).copy_(torch.from_numpy(rows[:, :-1]))
+                buf[B * T:].view(B, T).copy_(torch.from_numpy(rows[:, 1:]))
+                if not put((buf, epoch)):
+                    return
+        except BaseException as e:
+            put(e)
+
+    def __iter__(self):
+        return self
+
+    def __next__(self):
+        t0 = time.perf_counter()
+        while True:
+            try:
+                item = self._queue.get(timeout=1.0)
+                break
+            except queue.Empty:
+                if not self._thread.is_alive() and self._queue.empty():
+                    raise RuntimeError("dataloader worker stopped") from None
+        self.wait_seconds += time.perf_counter() - t0
+        if isinstance(item, BaseException):
+            self.close()
+            raise item
+        buf, epoch = item
+        buf = buf.to(self.device, non_blocking=True)
+        return buf[:self.B * self.T].view(self.B, self.T), buf[self.B * self.T:].view(self.B, self.T), epoch
+
+    def close(self):
+        self._stop.set()
+        if self._thread is not threading.current_thread():
+            self._thread.join(timeout=5)
+
+    def __del__(self):
+        self._stop.set()
+
+
+def default_device():
+    if torch.cuda.is_available():
+        return "cuda"
+    if torch.backends.mps.is_available():
+        return "mps"
+    return "cpu"
+
+
+def make_dataloader(tokenizer, B, T, split, device=None, buffer_size=1000, prefetch=2):
+    """Endless (inputs, targets, epoch) of packed B x T batches from the split ("train" or "val")."""
+    paths = shard_paths(split)
+    batches = pack_batches(tokenizer, B, T, _document_batches(paths), buffer_size)
+    return DataLoader(batches, B, T, device or default_device(), prefetch)
+
+# -----------------------------------------------------------------------------
+# Evaluation: the one metric
+
+
+@torch.no_grad()
+def evaluate_bpb(model, tokenizer, batch_size, eval_tokens=EVAL_TOKENS):
+    """Validation bits per byte: summed cross-entropy (nats) over summed UTF-8 bytes of the target tokens,
+    special tokens excluded. Independent of the vocabulary size, so tokenizers can be compared.
+
+    `model(x, y, reduction="none")` must return the per-token loss in nats. `eval_tokens` stays at EVAL_TOKENS
+    for results comparable with the reference; a smaller value is for small machines only."""
+    device = next(model.parameters()).device
+    token_bytes = get_token_bytes(device)
+    steps = eval_tokens // (batch_size * MAX_SEQ_LEN)
+    assert steps > 0, f"eval_tokens={eval_tokens} is less than one batch of {batch_size} x {MAX_SEQ_LEN} tokens"
+    loader = make_dataloader(tokenizer, batch_size, MAX_SEQ_LEN, "val", device=device)
+    nats, nbytes = [], []  # per-batch sums stay on the device: no host sync per batch
+    try:
+        for _ in range(steps):
+            x, y, _ = next(loader)
+            loss = model(x, y, reduction="none").view(-1).float()
+            b = token_bytes[y.view(-1)]
+            nats.append((loss * (b > 0)).sum())
+            nbytes.append(b.sum())
+    finally:
+        loader.close()
+    total_nats = torch.stack(nats).cpu().double().sum().item()
+    total_bytes = torch.stack(nbytes).cpu().sum().item()
+    return total_nats / (math.log(2) * total_bytes)
+
+# -----------------------------------------------------------------------------
+# Main
+
+
+def main():
+    parser = argparse.ArgumentParser(description="Download the data and train the tokenizer for autoresearch.")
+    parser.add_argument("--num-shards", type=int, default=10, help="training shards to download (-1 = all 6542)")
+    parser.add_argument("--download-workers", type=int, default=8, help="parallel downloads")
+    args = parser.parse_args()
+    if args.num_shards == 0 or args.num_shards < -1:
+        parser.error("--num-shards must be at least 1 (or -1 for all 6542)")
+    if args.download_workers < 1:
+        parser.error("--download-workers must be at least 1")
+    print(f"Cache: {CACHE_DIR}")
+    download_data(args.num_shards, args.download_workers)
+    train_tokenizer()
+    print("Done: ready to train with `uv run train.py`.")
+
+
+if __name__ == "__main__":
+    main()

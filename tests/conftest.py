@@ -1,0 +1,141 @@
+"""
+Shared test fixtures: tiny parquet shards, a real HTTP server on 127.0.0.1 laid out like the Hugging Face
+hub (pointed to through HF_ENDPOINT), and a cache prepared by the real `python prepare.py`.
+
+Run: uv run pytest
+"""
+
+import functools
+import http.server
+import os
+import random
+import subprocess
+import sys
+import threading
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+HUB_PATH = "datasets/karpathy/climbmix-400b-shuffle/resolve/main"  # under HF_ENDPOINT, as on the hub
+VAL_SHARD = 6542
+
+
+def make_documents(seed, n_docs):
+    """Deterministic English-like documents: a Zipf-ish vocabulary of made-up words, numbers, punctuation,
+    a few non-Latin words, and heavy-tailed lengths (some far longer than a 2048-token row)."""
+    rng = random.Random(seed)
+    vocab_rng = random.Random(0)  # the same words in every shard
+    words = ["".join(vocab_rng.choice("abcdefghijklmnopqrstuvwxyz") for _ in range(vocab_rng.randint(1, 9)))
+             for _ in range(3000)] + ["привет", "мир", "你好", "世界", "café", "naïve"]
+    docs = []
+    for _ in range(n_docs):
+        n = min(int(rng.paretovariate(1.2) * 20), 4000)
+        parts = []
+        for _ in range(n):
+            w = words[min(int(rng.paretovariate(0.7)) - 1, len(words) - 1)] if rng.random() < 0.7 else rng.choice(words)
+            r = rng.random()
+            if r < 0.05:
+                w = str(rng.randint(0, 99999))
+            elif r < 0.12:
+                w = w.capitalize() + rng.choice([".", ",", "!", "?", ";", ".\n"])
+            parts.append(w)
+        docs.append(" ".join(parts))
+    return docs
+
+
+def write_shard(path, docs, row_group_size=500):
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    pq.write_table(pa.table({"text": docs}), path, row_group_size=row_group_size)
+
+
+@functools.lru_cache(maxsize=None)
+def _shard_bytes(index, n_docs):
+    tmp = Path(os.environ.get("PYTEST_SHARD_CACHE", "/tmp")) / f"autoresearch-test-shard-{os.getpid()}-{index}-{n_docs}.parquet"
+    write_shard(tmp, make_documents(index, n_docs))
+    data = tmp.read_bytes()
+    tmp.unlink()
+    return data
+
+
+def make_shards(directory, indices=(0, 1, VAL_SHARD), n_docs=1500):
+    """Writes shard_NNNNN.parquet files into `directory`; returns their paths."""
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for i in indices:
+        p = directory / f"shard_{i:05d}.parquet"
+        p.write_bytes(_shard_bytes(i, n_docs))
+        paths.append(p)
+    return paths
+
+
+class Hub:
+    """A real HTTP server on 127.0.0.1 serving `root` (files at HUB_PATH/shard_NNNNN.parquet)."""
+
+    def __init__(self, root):
+        self.root = Path(root)
+        self.requests = []  # paths requested, in order
+        hub = self
+
+        class Handler(http.server.SimpleHTTPRequestHandler):
+            def __init__(self, *args, **kwargs):
+                super().__init__(*args, directory=str(hub.root), **kwargs)
+
+            def do_GET(self):
+                hub.requests.append(self.path)
+                super().do_GET()
+
+            def log_message(self, *args):
+                pass
+
+        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
+        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
+        self.thread.start()
+
+    @property
+    def shard_dir(self):
+        return self.root / HUB_PATH
+
+    def close(self):
+        self.server.shutdown()
+        self.server.server_close()
+
+
+@pytest.fixture
+def hub(tmp_path):
+    """A hub serving training shards 0 and 1 and the validation shard."""
+    h = Hub(tmp_path / "hub")
+    make_shards(h.shard_dir)
+    yield h
+    h.close()
+
+
+def run_script(script, *args, cache, endpoint=None, timeout=300, extra_env=None):
+    """Runs a top-level script (`prepare.py`, `train.py`) as a user would, with the cache in `cache`."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("AUTORESEARCH_", "HF_"))}
+    env["AUTORESEARCH_CACHE_DIR"] = str(cache)
+    env["HF_ENDPOINT"] = endpoint or "http://127.0.0.1:9"  # closed port: nothing leaks to the internet
+    env["AUTORESEARCH_BACKOFF_S"] = env.get("AUTORESEARCH_BACKOFF_S", "0.05")
+    env["PYTHONUNBUFFERED"] = "1"
+    env.update(extra_env or {})
+    return subprocess.run([sys.executable, str(ROOT / script), *args], cwd=ROOT, env=env, capture_output=True,
+                          text=True, timeout=timeout)
+
+
+@pytest.fixture(scope="session")
+def prepared_cache(tmp_path_factory):
+    """A cache made by the real `python prepare.py --num-shards 2` against a local hub (shared, read-only)."""
+    root = tmp_path_factory.mktemp("prepared")
+    h = Hub(root / "hub")
+    make_shards(h.shard_dir)
+    try:
+        result = run_script("prepare.py", "--num-shards", "2", cache=root / "cache", endpoint=h.url)
+    finally:
+        h.close()
+    assert result.returncode == 0, result.stdout + result.stderr
+    return root / "cache"
