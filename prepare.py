@@ -287,7 +287,8 @@ class Tokenizer:
         self.bos_token_id = enc.encode_single_token(BOS_TOKEN)
 
     @classmethod
-    def from_directory(cls, tokenizer_dir=TOKENIZER_DIR):
+    def from_directory(cls, tokenizer_dir=None):
+        tokenizer_dir = tokenizer_dir or TOKENIZER_DIR  # read at call time, like DATA_DIR
         path = os.path.join(tokenizer_dir, "tokenizer.pkl")
         hint = "run `uv run prepare.py` to train it"
         if not os.path.exists(path) or not os.path.exists(os.path.join(tokenizer_dir, "token_bytes.pt")):
@@ -326,8 +327,9 @@ class Tokenizer:
         return self.enc.decode(ids)
 
 
-def get_token_bytes(device="cpu", tokenizer_dir=TOKENIZER_DIR):
+def get_token_bytes(device="cpu", tokenizer_dir=None):
     """int32 (vocab,): UTF-8 byte length of each token, 0 for special tokens."""
+    tokenizer_dir = tokenizer_dir or TOKENIZER_DIR
     path = os.path.join(tokenizer_dir, "token_bytes.pt")
     try:
         token_bytes = torch.load(path, map_location="cpu", weights_only=True)

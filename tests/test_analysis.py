@@ -1,0 +1,389 @@
+"""
+Tests for analysis.py, analysis.ipynb and the shell commands in program.md: messy results.tsv input, the
+summary and its JSON, the progress plot, the integrity check against a real git repository, the notebook
+run headless, and the loop's record-the-result block run on fake run.logs.
+
+Run: uv run pytest tests/test_analysis.py
+"""
+
+import json
+import os
+import re
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import nbformat
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+DATA = Path(__file__).resolve().parent / "data"
+EXAMPLE = DATA / "results_example.tsv"
+MESSY = DATA / "results_messy.tsv"
+HEADER_ONLY = DATA / "results_header_only.tsv"
+HEADER = "commit\tval_bpb\tmemory_gb\tstatus\tdescription\n"
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+
+sys.path.insert(0, str(ROOT))
+from analysis import check_integrity, format_report, load_results, plot_progress, summarize  # noqa: E402
+
+
+def run_cli(*args, cwd=ROOT):
+    result = subprocess.run([sys.executable, str(ROOT / "analysis.py"), *map(str, args)], cwd=cwd,
+                            capture_output=True, text=True, timeout=60)
+    assert "Traceback" not in result.stdout + result.stderr, result.stdout + result.stderr
+    return result
+
+
+def write_tsv(path, *rows, header=True):
+    path.write_text((HEADER if header else "") + "".join(r + "\n" for r in rows))
+    return path
+
+
+# -----------------------------------------------------------------------------
+# Loading and summary
+
+
+def test_example_loads_without_warnings():
+    df, warnings = load_results(EXAMPLE)
+    assert warnings == []
+    assert len(df) == 15
+    assert list(df.columns[:5]) == ["commit", "val_bpb", "memory_gb", "status", "description"]
+    assert df["val_bpb"].dtype == float and df["memory_gb"].dtype == float
+    assert set(df["status"]) == {"keep", "discard", "crash"}
+
+
+def test_summary_of_example():
+    s = summarize(load_results(EXAMPLE)[0])
+    assert s["n_experiments"] == 15
+    assert s["counts"] == {"keep": 7, "discard": 6, "crash": 2, "other": 0}
+    assert s["keep_rate"] == pytest.approx(7 / 15)
+    assert s["baseline_val_bpb"] == pytest.approx(0.9979)
+    assert s["best_val_bpb"] == pytest.approx(0.9776)
+    assert s["best_commit"] == "c5d6e7f"
+    assert s["improvement_abs"] == pytest.approx(0.0203)
+    assert s["improvement_pct"] == pytest.approx(100 * 0.0203 / 0.9979, abs=1e-4)
+    assert [k["commit"] for k in s["kept"]] == ["a1b2c3d", "b2c3d4e", "f6a7b8c", "b8c9d0e", "e1f2a3b", "a3b4c5d",
+                                                "c5d6e7f"]
+    assert s["kept"][0] == {"experiment": 0, "commit": "a1b2c3d", "val_bpb": 0.9979, "memory_gb": 44.0,
+                            "description": "baseline"}
+
+
+def test_top_hits_rank_kept_experiments_by_gain_over_the_previous_kept_one():
+    hits = summarize(load_results(EXAMPLE)[0])["top_hits"]
+    assert len(hits) == 6  # every kept experiment but the baseline
+    assert [h["commit"] for h in hits[:3]] == ["a3b4c5d", "b8c9d0e", "b2c3d4e"]
+    assert hits[0]["gain"] == pytest.approx(0.9839 - 0.9781)
+    assert [h["gain"] for h in hits] == sorted((h["gain"] for h in hits), reverse=True)
+
+
+def test_crash_rows_count_as_experiments_but_never_as_best_or_baseline(tmp_path):
+    tsv = write_tsv(tmp_path / "r.tsv", "aaaaaaa\t0.000000\t0.0\tcrash\tbroken start",
+                    "bbbbbbb\t0.990000\t40.0\tkeep\tbaseline",
+                    "ccccccc\t0.000000\t0.0\tcrash\tOOM")
+    df, warnings = load_results(tsv)
+    assert warnings == []
+    s = summarize(df)
+    assert s["counts"]["crash"] == 2 and s["n_experiments"] == 3
+    assert s["baseline_val_bpb"] == 0.99 and s["best_val_bpb"] == 0.99 and s["improvement_abs"] == 0
+
+
+def test_status_is_normalised_to_lower_case():
+    df, _ = load_results(MESSY)
+    assert set(df["status"]) == {"keep", "discard", "crash", "maybe"}
+    assert summarize(df)["counts"] == {"keep": 2, "discard": 1, "crash": 2, "other": 1}
+
+
+def test_trailing_spaces_are_stripped_and_commas_kept_in_descriptions():
+    df, _ = load_results(MESSY)
+    row = df[df["commit"] == "b2c3d4e"].iloc[0]
+    assert row["val_bpb"] == 0.9932 and row["memory_gb"] == 44.2 and row["status"] == "keep"
+    assert row["description"] == "increase LR to 0.04, warmup 5%, betas (0.9, 0.95)"
+
+
+def test_rows_with_the_wrong_column_count_are_skipped_with_their_line_number():
+    df, warnings = load_results(MESSY)
+    for line, found in [(6, 4), (10, 1), (11, 6)]:
+        matches = [w for w in warnings if w.startswith(f"line {line}:") and f"found {found}" in w and "skipped" in w]
+        assert matches, warnings
+    assert not {"e5f6a7b", "b8c9d0e", "c9d0e1f"} & set(df["commit"])
+
+
+def test_non_numeric_val_bpb_is_skipped_with_its_line_number():
+    df, warnings = load_results(MESSY)
+    assert any(w.startswith("line 7:") and "'n/a'" in w for w in warnings), warnings
+    assert "f6a7b8c" not in set(df["commit"])
+
+
+def test_unknown_status_is_kept_with_a_warning():
+    df, warnings = load_results(MESSY)
+    assert any(w.startswith("line 9:") and "unknown status 'maybe'" in w for w in warnings), warnings
+    assert "a7b8c9d" in set(df["commit"])
+    assert len(warnings) == 5  # 3 column counts, 1 val_bpb, 1 status; the blank line is not a problem
+
+
+def test_header_only_file_is_zero_experiments(tmp_path):
+    df, warnings = load_results(HEADER_ONLY)
+    assert len(df) == 0 and warnings == []
+    s = summarize(df)
+    assert s["n_experiments"] == 0 and s["keep_rate"] is None and s["best_val_bpb"] is None
+    assert s["kept"] == [] and s["top_hits"] == []
+    assert format_report(s).startswith("0 experiments")
+    assert plot_progress(df, tmp_path / "p.png") is None
+    assert not (tmp_path / "p.png").exists()
+
+
+def test_crlf_line_endings_byte_order_mark_and_blank_lines(tmp_path):
+    tsv = tmp_path / "r.tsv"
+    tsv.write_bytes(b"\xef\xbb\xbf" + HEADER.replace("\n", "\r\n").encode()
+                    + b"abcdef1\t0.990000\t40.0\tkeep\tbaseline\r\n\r\n")
+    df, warnings = load_results(tsv)
+    assert warnings == [] and list(df["description"]) == ["baseline"]
+
+
+def test_missing_header_and_repeated_header_are_warned_about(tmp_path):
+    tsv = write_tsv(tmp_path / "r.tsv", "abcdef1\t0.990000\t40.0\tkeep\tbaseline", HEADER.strip(), header=False)
+    df, warnings = load_results(tsv)
+    assert len(df) == 1
+    assert warnings[0].startswith("line 1: no header") and warnings[1] == "line 2: repeated header; skipped"
+
+
+def test_missing_file_raises_with_the_path(tmp_path):
+    with pytest.raises(FileNotFoundError, match="nope.tsv"):
+        load_results(tmp_path / "nope.tsv")
+
+
+# -----------------------------------------------------------------------------
+# Command line
+
+
+def test_cli_text_report_of_example():
+    r = run_cli("--tsv", EXAMPLE)
+    assert r.returncode == 0
+    assert "15 experiments: 7 keep, 6 discard, 2 crash (keep rate 46.7%)" in r.stdout
+    assert "best val_bpb:     0.977600" in r.stdout and "improvement:      0.020300 (2.03%)" in r.stdout
+    assert "integrity:" in r.stdout
+
+
+def test_cli_on_messy_input_reports_warnings_without_failing():
+    r = run_cli("--tsv", MESSY)
+    assert r.returncode == 0
+    assert "5 warnings" in r.stdout and "line 7: val_bpb 'n/a' is not a number" in r.stdout
+
+
+def test_cli_header_only_says_zero_experiments_and_skips_the_plot(tmp_path):
+    r = run_cli("--tsv", HEADER_ONLY, "--plot", tmp_path / "p.png")
+    assert r.returncode == 0
+    assert "0 experiments" in r.stdout and "not written" in r.stdout
+    assert not (tmp_path / "p.png").exists()
+
+
+def test_cli_missing_file_is_one_line_naming_the_path_and_exit_1(tmp_path):
+    path = tmp_path / "no" / "results.tsv"
+    r = run_cli("--tsv", path)
+    assert r.returncode == 1 and r.stdout == ""
+    assert r.stderr.count("\n") == 1 and str(path) in r.stderr
+
+
+def test_directory_or_binary_garbage_never_tracebacks(tmp_path):
+    with pytest.raises(OSError):  # the command line turns any OSError into a one-line message
+        load_results(tmp_path)
+    garbage = tmp_path / "garbage.tsv"
+    garbage.write_bytes(bytes(range(256)) * 4)
+    df, warnings = load_results(garbage)
+    assert len(df) == 0 and warnings
+    json.dumps(summarize(df), allow_nan=False)
+
+
+def test_cli_json_shape():
+    r = run_cli("--tsv", MESSY, "--json")
+    assert r.returncode == 0
+    out = json.loads(r.stdout)
+    assert {"n_experiments", "counts", "keep_rate", "baseline_val_bpb", "best_val_bpb", "improvement_abs",
+            "improvement_pct", "kept", "top_hits", "warnings", "integrity"} <= set(out)
+    assert out["n_experiments"] == 6 and out["counts"]["crash"] == 2
+    assert set(out["kept"][0]) == {"experiment", "commit", "val_bpb", "memory_gb", "description"}
+    assert set(out["top_hits"][0]) == {"experiment", "commit", "val_bpb", "memory_gb", "description", "gain"}
+    assert len(out["warnings"]) == 5
+    assert set(out["integrity"]) == {"checked", "problems", "notes", "message"}
+
+
+def test_summary_of_header_only_is_valid_json_with_nulls():
+    out = json.loads(json.dumps(summarize(load_results(HEADER_ONLY)[0]), allow_nan=False))
+    assert out["n_experiments"] == 0 and out["best_val_bpb"] is None and out["keep_rate"] is None
+
+
+def test_cli_plot_writes_a_png(tmp_path):
+    png = tmp_path / "progress.png"
+    r = run_cli("--tsv", EXAMPLE, "--json", "--plot", png)
+    assert r.returncode == 0
+    json.loads(r.stdout)  # the plot message goes to stderr, stdout stays JSON
+    data = png.read_bytes()
+    assert data[:8] == PNG_MAGIC and len(data) > 10_000
+
+
+def test_plot_with_only_discards_and_crashes(tmp_path):
+    tsv = write_tsv(tmp_path / "r.tsv", "aaaaaaa\t0.990000\t40.0\tdiscard\tx", "bbbbbbb\t0.000000\t0.0\tcrash\ty",
+                    "ccccccc\t0.980000\t40.0\tdiscard\tz")
+    assert plot_progress(load_results(tsv)[0], tmp_path / "p.png") is not None
+    assert (tmp_path / "p.png").read_bytes()[:8] == PNG_MAGIC
+
+
+# -----------------------------------------------------------------------------
+# Integrity check in a real git repository
+
+
+GIT_ENV = {**os.environ, "GIT_AUTHOR_NAME": "t", "GIT_AUTHOR_EMAIL": "t@t", "GIT_COMMITTER_NAME": "t",
+           "GIT_COMMITTER_EMAIL": "t@t", "GIT_CONFIG_GLOBAL": os.devnull, "GIT_CONFIG_NOSYSTEM": "1"}
+
+
+def git(repo, *args):
+    return subprocess.run(["git", *args], cwd=repo, env=GIT_ENV, check=True, capture_output=True,
+                          text=True).stdout.strip()
+
+
+def commit(repo, message, **files):
+    for name, text in files.items():
+        (repo / name.replace("_py", ".py").replace("_toml", ".toml")).write_text(text)
+    git(repo, "add", "-A")
+    git(repo, "commit", "-q", "-m", message)
+    return git(repo, "rev-parse", "--short=7", "HEAD")
+
+
+@pytest.fixture
+def repo(tmp_path):
+    """main: a root commit, then a commit changing prepare.py (the lead's work, the baseline). The agent then
+    keeps a train.py change, keeps a prepare.py change (cheating) and discards a pyproject.toml change."""
+    repo = tmp_path / "repo"
+    repo.mkdir()
+    git(repo, "init", "-q", "-b", "main")
+    (repo / ".gitignore").write_text("results.tsv\n")
+    commit(repo, "init", prepare_py="A = 1\n", train_py="LR = 1\n", pyproject_toml="[project]\n")
+    base = commit(repo, "fix prepare", prepare_py="A = 2\n")
+    good = commit(repo, "lr 2", train_py="LR = 2\n")
+    bad = commit(repo, "peek at val", prepare_py="A = 3\n", train_py="LR = 3\n")
+    discarded = commit(repo, "new dep", pyproject_toml="[project]\ndependencies = ['x']\n")
+    rows = [f"{base}\t0.990000\t40.0\tkeep\tbaseline", f"{good}\t0.980000\t40.0\tkeep\tlr 2",
+            f"{bad}\t0.970000\t40.0\tkeep\tpeek", f"{discarded}\t0.990000\t40.0\tdiscard\tdep"]
+    write_tsv(repo / "results.tsv", *rows)
+    return repo, base, good, bad
+
+
+def test_integrity_ok_for_a_kept_commit_that_only_changed_train_py(repo):
+    repo, base, good, bad = repo
+    df, _ = load_results(repo / "results.tsv")
+    result = check_integrity(str(repo), df[df["commit"] != bad])
+    assert result["problems"] == [] and result["checked"] == 1
+    assert result["message"] == "integrity: ok (1 kept commits checked)"
+
+
+def test_integrity_flags_a_kept_commit_that_changed_prepare_py(repo):
+    repo, base, good, bad = repo
+    result = check_integrity(str(repo), load_results(repo / "results.tsv")[0])
+    assert result["checked"] == 2
+    assert result["problems"] == [f"commit {bad} changed prepare.py"]  # not the baseline, not the discard
+    assert "FAILED" in result["message"] and bad in result["message"]
+
+
+def test_cli_reports_integrity_problems(repo):
+    repo, base, good, bad = repo
+    out = json.loads(run_cli("--tsv", repo / "results.tsv", "--json").stdout)
+    assert out["integrity"]["problems"] == [f"commit {bad} changed prepare.py"]
+
+
+def test_integrity_outside_a_git_repo_or_with_unknown_commits_does_not_fail(tmp_path):
+    df, _ = load_results(EXAMPLE)
+    outside = check_integrity(str(tmp_path), df)
+    assert outside["checked"] == 0 and outside["problems"] == [] and "not a git repository" in outside["message"]
+    unknown = check_integrity(str(ROOT), df)  # a repository, but not the one these commits came from
+    assert unknown["checked"] == 0 and unknown["problems"] == [] and "not found" in unknown["message"]
+
+
+# -----------------------------------------------------------------------------
+# The notebook
+
+
+def test_notebook_is_saved_clean():
+    nb = nbformat.read(ROOT / "analysis.ipynb", as_version=4)
+    nbformat.validate(nb)
+    assert nb.nbformat == 4
+    for cell in nb.cells:
+        if cell.cell_type == "code":
+            assert cell.outputs == [] and cell.execution_count is None
+
+
+@pytest.mark.parametrize("tsv", [EXAMPLE, HEADER_ONLY], ids=["example", "header_only"])
+def test_notebook_runs_headless(tmp_path, monkeypatch, tsv):
+    from nbclient import NotebookClient
+
+    png = tmp_path / "progress.png"
+    monkeypatch.setenv("RESULTS_TSV", str(tsv))
+    monkeypatch.setenv("PROGRESS_PNG", str(png))
+    nb = nbformat.read(ROOT / "analysis.ipynb", as_version=4)
+    NotebookClient(nb, timeout=120, kernel_name="python3", resources={"metadata": {"path": str(ROOT)}}).execute()
+    text = "".join(o.get("text", "") for c in nb.cells if c.cell_type == "code" for o in c.outputs)
+    if tsv == EXAMPLE:
+        assert png.read_bytes()[:8] == PNG_MAGIC
+        assert "keep rate: 46.7%" in text and "improvement:      0.020300 (2.03%)" in text
+        assert any("image/png" in o.get("data", {}) for c in nb.cells if c.cell_type == "code" for o in c.outputs)
+    else:
+        assert not png.exists()
+        assert "experiments: 0" in text and "no results to plot yet" in text
+
+
+# -----------------------------------------------------------------------------
+# program.md: the commands the agent runs
+
+
+def bash_blocks():
+    text = (ROOT / "program.md").read_text()
+    return [textwrap.dedent(m.group(2)) for m in re.finditer(r"^( *)```bash\n(.*?)^\1```", text, re.M | re.S)]
+
+
+def test_program_md_has_the_loop_commands_in_bash_blocks():
+    commands = "\n".join(bash_blocks())
+    for command in ["git checkout -b autoresearch/<tag>", "uv run train.py > run.log 2>&1",
+                    'grep "^val_bpb:\\|^peak_vram_mb:" run.log', "tail -n 50 run.log", "git reset --hard HEAD~1",
+                    "printf 'commit\\tval_bpb\\tmemory_gb\\tstatus\\tdescription\\n' > results.tsv",
+                    "uv run analysis.py"]:
+        assert command in commands, command
+    placeholders = set(re.findall(r"<[a-z_]+>", commands))
+    assert placeholders == {"<tag>", "<description>"}, placeholders
+
+
+SUMMARY = "---\nval_bpb:          {bpb}\ntraining_seconds: 300.1\npeak_vram_mb:     45060.2\nnum_steps:        953\n"
+
+
+@pytest.mark.parametrize("log, expected", ids=["better", "worse", "equal", "crash"], argvalues=[
+    (SUMMARY.format(bpb="0.990000"), "0.990000\t44.0\tkeep"),       # better than the best keep so far
+    (SUMMARY.format(bpb="0.995000"), "0.995000\t44.0\tdiscard"),    # worse
+    (SUMMARY.format(bpb="0.993200"), "0.993200\t44.0\tdiscard"),    # equal is not better
+    ("step 00012 (4.0%) | loss 9.1\nTraceback (most recent call last):\nRuntimeError: CUDA out of memory\n",
+     "0.000000\t0.0\tcrash"),
+])
+def test_program_md_record_block_appends_the_right_row(tmp_path, log, expected):
+    block = next(b for b in bash_blocks() if ">> results.tsv" in b).replace("<description>", "try, this")
+    repo = tmp_path / "repo"
+    repo.mkdir()
+    git(repo, "init", "-q")
+    head = commit(repo, "x", train_py="LR = 1\n")
+    write_tsv(repo / "results.tsv", "aaaaaaa\t0.997900\t44.0\tkeep\tbaseline", "bbbbbbb\t0.993200\t44.2\tkeep\tlr",
+              "ccccccc\t0.980000\t44.0\tdiscard\tdiscards do not count", "ddddddd\t0.000000\t0.0\tcrash\toom")
+    (repo / "run.log").write_text(log)
+    r = subprocess.run(["bash", "-c", block], cwd=repo, capture_output=True, text=True, timeout=30)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.strip() == expected.split("\t")[-1]
+    assert (repo / "results.tsv").read_text().splitlines()[-1] == f"{head}\t{expected}\ttry, this"
+    assert load_results(repo / "results.tsv")[1] == []
+
+
+def test_program_md_record_block_keeps_the_baseline(tmp_path):
+    block = next(b for b in bash_blocks() if ">> results.tsv" in b).replace("<description>", "baseline")
+    write_tsv(tmp_path / "results.tsv")
+    (tmp_path / "run.log").write_text(SUMMARY.format(bpb="0.997900"))
+    git(tmp_path, "init", "-q")
+    head = commit(tmp_path, "x", train_py="LR = 1\n")
+    r = subprocess.run(["bash", "-c", block], cwd=tmp_path, capture_output=True, text=True, timeout=30)
+    assert r.stdout.strip() == "keep"
+    assert (tmp_path / "results.tsv").read_text() == HEADER + f"{head}\t0.997900\t44.0\tkeep\tbaseline\n"

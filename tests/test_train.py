@@ -1,0 +1,295 @@
+"""
+train.py: model size and FLOPs, attention against a naive reference, MuonAdamW against plain reference math,
+and the real script end to end on tiny prepared data.
+
+Run: uv run pytest tests/test_train.py
+"""
+
+import math
+import re
+import shutil
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import prepare
+import train
+from conftest import ROOT, run_script
+
+# -----------------------------------------------------------------------------
+# Model
+
+
+def test_default_config_has_50_3M_parameters_and_the_breakdown_sums_to_it():
+    config = train.GPTConfig(sequence_len=2048, vocab_size=8192, n_layer=8, n_head=4, n_kv_head=4, n_embd=512)
+    with torch.device("meta"):
+        model = train.GPT(config)
+    counts = model.num_params()
+    assert counts["total"] == 50_332_176
+    assert sum(v for k, v in counts.items() if k != "total") == counts["total"]
+    assert counts["wte"] == counts["lm_head"] == 8192 * 512
+    assert counts["value_embeds"] == 4 * 8192 * 512  # layers 1, 3, 5, 7
+    assert model.estimate_flops() == 239_078_400  # the spec's 2.390784e8
+
+
+def test_build_model_config_uses_the_spec_defaults_on_cuda_sizes():
+    # the hyperparameter block's CUDA values (the module may hold small-machine values on this CPU)
+    saved = train.ASPECT_RATIO, train.HEAD_DIM
+    train.ASPECT_RATIO, train.HEAD_DIM = 64, 128
+    try:
+        config = train.build_model_config(8, 8192)
+        assert (config.n_embd, config.n_head, config.sequence_len) == (512, 4, 2048)
+        assert train.build_model_config(5, 8192).n_embd == 384  # 320 rounded up to whole 128-channel heads
+    finally:
+        train.ASPECT_RATIO, train.HEAD_DIM = saved
+
+
+def test_estimate_flops_matches_a_hand_count_for_a_tiny_config():
+    config = train.GPTConfig(sequence_len=64, vocab_size=100, n_layer=3, n_head=2, n_kv_head=1, n_embd=32,
+                             window_pattern="SL")
+    model = train.GPT(config)
+    head_dim, kv_dim = 16, 16
+    block = 32 * 32 + 2 * 32 * kv_dim + 32 * 32 + 2 * 32 * 128  # q, k, v, proj, mlp
+    gates = 2 * (32 * 1)  # value embeddings on layers 0 and 2 (alternating, the last included)
+    matmul = 3 * block + gates + 100 * 32  # + lm_head; wte, value embeddings and scalars excluded
+    windows = [32, 64, 64]  # S, L, and the last layer always L
+    attn = sum(12 * 2 * head_dim * w for w in windows)
+    assert model.window_sizes == windows
+    assert model.estimate_flops() == 6 * matmul + attn
+
+
+def test_initialisation_follows_the_spec():
+    torch.manual_seed(0)
+    config = train.GPTConfig(sequence_len=64, vocab_size=512, n_layer=4, n_head=2, n_kv_head=2, n_embd=64)
+    model = train.GPT(config)
+    model.init_weights()
+    s = 3**0.5 * 64**-0.5
+    assert abs(model.transformer.wte.weight.std().item() - 1.0) < 0.05
+    assert abs(model.lm_head.weight.std().item() - 0.001) < 1e-4
+    for block in model.transformer.h:
+        assert block.attn.c_q.weight.abs().max() <= s and block.mlp.c_fc.weight.abs().max() <= s
+        assert block.attn.c_proj.weight.count_nonzero() == 0 and block.mlp.c_proj.weight.count_nonzero() == 0
+    assert sorted(model.value_embeds.keys()) == ["1", "3"]
+    assert all(b.attn.ve_gate is None for b in (model.transformer.h[0], model.transformer.h[2]))
+    assert model.transformer.h[3].attn.ve_gate.weight.count_nonzero() == 0  # gate starts at 2*sigmoid(0) = 1
+    assert torch.equal(model.resid_lambdas, torch.ones(4)) and torch.allclose(model.x0_lambdas, torch.full((4,), 0.1))
+
+
+def test_untrained_model_predicts_nearly_uniform_soft_capped_logits():
+    torch.manual_seed(0)
+    model = train.GPT(train.GPTConfig(sequence_len=32, vocab_size=512, n_layer=2, n_head=2, n_kv_head=2, n_embd=64))
+    model.init_weights()
+    idx = torch.randint(0, 512, (2, 32))
+    logits = model(idx)
+    assert logits.dtype == torch.float32 and logits.shape == (2, 32, 512)
+    assert abs(model(idx, idx).item() - math.log(512)) < 0.05
+    model.lm_head.weight.data.mul_(1e6)  # huge logits are capped at +-15
+    assert model(idx).abs().max() <= 15.0
+
+
+# -----------------------------------------------------------------------------
+# Attention
+
+
+def naive_attention(q, k, v, window):
+    """Masked softmax attention, (B, T, H, D); kv heads shared by consecutive query heads."""
+    B, T, H, D = q.shape
+    k = k.repeat_interleave(H // k.size(2), dim=2)
+    v = v.repeat_interleave(H // v.size(2), dim=2)
+    scores = torch.einsum("bthd,bshd->bhts", q, k) / math.sqrt(D)
+    i = torch.arange(T)
+    allowed = (i[:, None] >= i[None, :]) & (i[:, None] - i[None, :] <= window)
+    scores = scores.masked_fill(~allowed, float("-inf"))
+    return torch.einsum("bhts,bshd->bthd", scores.softmax(-1), v)
+
+
+@pytest.mark.parametrize("window", [0, 1, 7, 31, 62, 63, 64, 1000])
+@pytest.mark.parametrize("n_head,n_kv_head", [(4, 4), (4, 2), (4, 1)])
+def test_fallback_attention_equals_naive_masked_attention(window, n_head, n_kv_head, monkeypatch):
+    monkeypatch.setattr(train, "ATTN_BACKEND", "sdpa")
+    torch.manual_seed(window)
+    q = torch.randn(2, 64, n_head, 16)
+    k, v = torch.randn(2, 64, n_kv_head, 16), torch.randn(2, 64, n_kv_head, 16)
+    torch.testing.assert_close(train.attention(q, k, v, window), naive_attention(q, k, v, window), atol=1e-5, rtol=1e-5)
+
+
+def test_sliding_window_sees_exactly_window_plus_one_keys():
+    mask = train.sliding_window_mask(10, 3, torch.device("cpu"))
+    assert mask.sum(1).tolist() == [1, 2, 3, 4, 4, 4, 4, 4, 4, 4]
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_cuda_backend_matches_naive_attention(monkeypatch):
+    backend, fa3, _ = train.load_attention_backend()
+    monkeypatch.setattr(train, "ATTN_BACKEND", backend)
+    monkeypatch.setattr(train, "fa3", fa3)
+    q = torch.randn(2, 256, 4, 128, device="cuda", dtype=torch.bfloat16)
+    k, v = torch.randn_like(q), torch.randn_like(q)
+    mask = train.make_block_mask(256, 100, "cuda") if backend == "flex" else None
+    ref = naive_attention(q.float().cpu(), k.float().cpu(), v.float().cpu(), 100)
+    torch.testing.assert_close(train.attention(q, k, v, 100, mask).float().cpu(), ref, atol=2e-2, rtol=2e-2)
+
+
+# -----------------------------------------------------------------------------
+# Optimizer
+
+
+def polar_reference(g, steps=5):
+    X = g / (g.norm() * 1.02 + 1e-6)
+    for a, b, c in train.POLAR_EXPRESS_COEFFS[:steps]:
+        A = X @ X.T
+        X = a * X + (b * A + c * A @ A) @ X
+    return X
+
+
+def muon_reference(p, g, lr, momentum, wd, beta2=0.95):
+    """One Muon step from zero state, float32, one matrix at a time: what the spec says, written plainly."""
+    rows, cols = p.shape
+    buf = (1 - momentum) * g                         # momentum buffer from zero
+    g = (1 - momentum) * g + momentum * buf          # Nesterov
+    X = polar_reference(g) if rows <= cols else polar_reference(g.T).T
+    red_dim = 1 if rows >= cols else 0               # second moment per row (tall/square) or per column (wide)
+    v = (X**2).mean(dim=red_dim, keepdim=True)
+    second = (1 - beta2) * v                         # EMA from zero
+    U = X / second.clamp_min(1e-10).sqrt()
+    U = U * X.norm() / U.norm()                      # same total norm as before normalisation
+    lr = lr * max(1.0, rows / cols) ** 0.5
+    decay = wd * p * ((U * p) >= 0)                  # cautious weight decay
+    return p - lr * (U + decay)
+
+
+def muon_update(ps, grads):
+    for p, g in zip(ps, grads):
+        p.grad = g.clone()
+    opt = train.MuonAdamW([dict(kind="muon", params=ps, lr=0.05, momentum=0.9, ns_steps=5, beta2=0.95, weight_decay=0.3)])
+    before = [p.detach().clone() for p in ps]
+    opt.step()
+    return [p.detach() - b for p, b in zip(ps, before)]
+
+
+@pytest.mark.parametrize("shape", [(16, 16), (48, 16), (16, 48)])
+def test_muon_step_matches_the_reference_rules(shape, monkeypatch):
+    torch.manual_seed(1)
+    ps = [torch.nn.Parameter(torch.randn(shape) * 0.1) for _ in range(3)]
+    grads = [torch.randn(shape) for _ in ps]
+    expected = [muon_reference(p.detach().clone(), g, lr=0.05, momentum=0.9, wd=0.3) - p.detach()
+                for p, g in zip(ps, grads)]
+    # as specified, the orthogonalization runs in bf16: close to the float32 reference...
+    for delta, ref in zip(muon_update([torch.nn.Parameter(p.detach().clone()) for p in ps], grads), expected):
+        assert (delta - ref).norm() / ref.norm() < 0.1
+        assert F.cosine_similarity(delta.flatten(), ref.flatten(), dim=0) > 0.995
+    # ...and with bf16 swapped for float32 the same rules agree to float32 precision
+    monkeypatch.setattr(torch.Tensor, "bfloat16", lambda t: t.float())
+    for delta, ref in zip(muon_update(ps, grads), expected):
+        torch.testing.assert_close(delta, ref, atol=1e-6, rtol=1e-4)
+
+
+def test_adamw_groups_match_torch_adamw():
+    torch.manual_seed(2)
+    p1 = torch.nn.Parameter(torch.randn(10, 7))
+    p2 = torch.nn.Parameter(p1.detach().clone())
+    ours = train.MuonAdamW([dict(kind="adamw", params=[p1], lr=0.01, betas=(0.8, 0.95), eps=1e-10, weight_decay=0.0)])
+    ref = torch.optim.AdamW([p2], lr=0.01, betas=(0.8, 0.95), eps=1e-10, weight_decay=0.0)
+    for step in range(5):
+        g = torch.randn(10, 7)
+        p1.grad, p2.grad = g.clone(), g.clone()
+        ours.param_groups[0]["lr"] = ref.param_groups[0]["lr"] = 0.01 * (1 - step / 10)
+        ours.step()
+        ref.step()
+    torch.testing.assert_close(p1.detach(), p2.detach(), atol=1e-6, rtol=1e-5)
+
+
+def test_setup_optimizer_groups_and_learning_rates():
+    model = train.GPT(train.GPTConfig(sequence_len=32, vocab_size=256, n_layer=2, n_head=2, n_kv_head=2, n_embd=192))
+    opt = model.setup_optimizer(unembedding_lr=0.004, embedding_lr=0.6, matrix_lr=0.04, weight_decay=0.2,
+                                adam_betas=(0.8, 0.95), scalar_lr=0.5)
+    scale = (192 / 768) ** -0.5
+    adamw = [g for g in opt.param_groups if g["kind"] == "adamw"]
+    assert [g["lr"] for g in adamw] == pytest.approx([0.004 * scale, 0.6 * scale, 0.6 * scale, 0.005, 0.5])
+    assert adamw[4]["betas"] == (0.96, 0.95) and all(g["eps"] == 1e-10 and g["weight_decay"] == 0 for g in adamw)
+    muon = [g for g in opt.param_groups if g["kind"] == "muon"]
+    assert all(len({p.shape for p in g["params"]}) == 1 for g in muon)
+    grouped = {id(p) for g in opt.param_groups for p in g["params"]}
+    assert grouped == {id(p) for p in model.parameters()}  # every parameter, once
+    assert sum(len(g["params"]) for g in opt.param_groups) == len(list(model.parameters()))
+
+
+def test_loss_decreases_on_a_fixed_batch():
+    torch.manual_seed(42)
+    model = train.GPT(train.GPTConfig(sequence_len=64, vocab_size=256, n_layer=2, n_head=2, n_kv_head=2, n_embd=64))
+    model.init_weights()
+    opt = model.setup_optimizer(unembedding_lr=0.004, embedding_lr=0.6, matrix_lr=0.04, weight_decay=0.2,
+                                adam_betas=(0.8, 0.95), scalar_lr=0.5)
+    x = torch.randint(0, 256, (4, 64))
+    y = torch.roll(x, -1, dims=1)
+    losses = []
+    for _ in range(15):
+        loss = model(x, y)
+        loss.backward()
+        opt.step()
+        model.zero_grad(set_to_none=True)
+        losses.append(loss.item())
+    assert losses[-1] < losses[0] - 1.0, losses
+
+
+# -----------------------------------------------------------------------------
+# The real script
+
+SUMMARY = [
+    ("val_bpb", r"\d+\.\d{6}"), ("training_seconds", r"\d+\.\d"), ("total_seconds", r"\d+\.\d"),
+    ("peak_vram_mb", r"\d+\.\d"), ("mfu_percent", r"\d+\.\d{2}"), ("total_tokens_M", r"\d+\.\d"),
+    ("num_steps", r"\d+"), ("num_params_M", r"\d+\.\d"), ("depth", r"\d+"),
+]
+EVAL_TOKENS = 4 * 2 * 2048  # two batches of the small-machine DEVICE_BATCH_SIZE
+
+
+def untrained_val_bpb(cache):
+    """val_bpb of the model train.py starts from, scored on the same validation tokens as the run below."""
+    saved = prepare.TOKENIZER_DIR, prepare.DATA_DIR
+    prepare.TOKENIZER_DIR, prepare.DATA_DIR = str(cache / "tokenizer"), str(cache / "data")
+    try:
+        tokenizer = prepare.Tokenizer.from_directory(prepare.TOKENIZER_DIR)
+        torch.manual_seed(42)
+        model = train.GPT(train.build_model_config(train.DEPTH, tokenizer.get_vocab_size()))
+        model.init_weights()
+        return prepare.evaluate_bpb(model, tokenizer, train.DEVICE_BATCH_SIZE, eval_tokens=EVAL_TOKENS)
+    finally:
+        prepare.TOKENIZER_DIR, prepare.DATA_DIR = saved
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the CUDA defaults are too big for a test run")
+def test_train_py_end_to_end_prints_the_summary_block_and_learns(prepared_cache):
+    result = run_script("train.py", cache=prepared_cache, timeout=300,
+                        extra_env={"AUTORESEARCH_TIME_BUDGET": "4", "AUTORESEARCH_EVAL_TOKENS": str(EVAL_TOKENS)})
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    out = result.stdout
+    assert "attention:" in out and "time budget: 4s" in out
+    block = out[out.index("\n---\n") + 5:].strip().splitlines()
+    assert len(block) == len(SUMMARY), block
+    for line, (key, number) in zip(block, SUMMARY):
+        assert re.fullmatch(rf"{key}:\s+{number}", line), line
+        assert line.index(line.split()[1]) == 18  # values aligned in one column, as the agent's grep expects
+    values = {line.split(":")[0]: float(line.split()[1]) for line in block}
+    assert values["num_steps"] > 11 and values["training_seconds"] >= 4.0
+    assert values["depth"] == train.DEPTH and values["num_params_M"] == 3.5
+    assert values["val_bpb"] < untrained_val_bpb(prepared_cache) - 0.3
+    step_lines = [l for l in out.splitlines() if l.startswith("step ")]
+    assert step_lines and "\r" not in out  # redirected output: whole lines, no carriage returns
+
+
+def patched_train_py(tmp_path, old, new):
+    """A copy of the repo's scripts with one edit to train.py, as the agent would make it."""
+    for name in ("prepare.py", "train.py"):
+        shutil.copy(ROOT / name, tmp_path / name)
+    src = (tmp_path / "train.py").read_text()
+    assert old in src, old
+    (tmp_path / "train.py").write_text(src.replace(old, new))
+    return tmp_path / "train.py"
+
+
+def test_nan_loss_prints_fail_and_exits_non_zero(prepared_cache, tmp_path):
+    script = patched_train_py(tmp_path, "loss = model(x, y)", "loss = model(x, y) * float('nan')")
+    result = run_script(script, cache=prepared_cache, timeout=120)
+    assert result.returncode != 0
+    assert "FAIL" in result.stdout and "---" not in result.stdout
