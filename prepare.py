@@ -205,7 +205,11 @@ def download_data(num_shards, download_workers=8):
         with ThreadPoolExecutor(max_workers=max(1, download_workers)) as pool:
             pending = {pool.submit(download_shard, i, progress) for i in todo}
             while pending:
-                done, pending = wait(pending, timeout=1.0, return_when=FIRST_COMPLETED)
+                try:
+                    done, pending = wait(pending, timeout=1.0, return_when=FIRST_COMPLETED)
+                except KeyboardInterrupt:  # Ctrl-C: start no further download (else the whole queue still runs)
+                    pool.shutdown(wait=False, cancel_futures=True)
+                    raise
                 failures += [f.result() for f in done if f.result() is not None]
                 if done or interactive:
                     line = (f"  {len(todo) - len(pending)}/{len(todo)} files, {received[0] / 1e6:.1f} MB, "
@@ -254,6 +258,9 @@ def train_tokenizer():
             fcntl.flock(lock, fcntl.LOCK_EX)
         except ImportError:  # Windows: no lock, still atomic renames
             pass
+        for name in os.listdir(TOKENIZER_DIR):  # left by a run killed while saving; every writer holds the lock
+            if name.endswith(".tmp"):
+                os.remove(os.path.join(TOKENIZER_DIR, name))
         try:
             Tokenizer.from_directory()
             print(f"Tokenizer: already trained in {TOKENIZER_DIR}")
@@ -545,8 +552,11 @@ def main():
     if args.download_workers < 1:
         parser.error("--download-workers must be at least 1")
     print(f"Cache: {CACHE_DIR}")
-    download_data(args.num_shards, args.download_workers)
-    train_tokenizer()
+    try:
+        download_data(args.num_shards, args.download_workers)
+        train_tokenizer()
+    except KeyboardInterrupt:
+        raise SystemExit("\ninterrupted: complete shards are kept; re-run `uv run prepare.py` to fetch the rest") from None
     print("Done: ready to train with `uv run train.py`.")
 
 

@@ -12,7 +12,6 @@ import functools
 import gc
 import math
 import os
-import resource
 import sys
 import time
 from contextlib import nullcontext
@@ -461,6 +460,7 @@ def peak_memory_mb():
         return torch.cuda.max_memory_allocated() / 1024**2
     if DEVICE_TYPE == "mps":
         return torch.mps.driver_allocated_memory() / 1024**2
+    import resource  # POSIX only
     rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # process peak resident memory
     return rss / 1024**2 if sys.platform == "darwin" else rss / 1024  # bytes on macOS, KiB on Linux
 
@@ -532,6 +532,7 @@ def main():
 
     train_loader = make_dataloader(tokenizer, DEVICE_BATCH_SIZE, MAX_SEQ_LEN, "train", device=device)
     x, y, epoch = next(train_loader)
+    t_loop, wait_before_loop = time.time(), train_loader.wait_seconds
     interactive = sys.stdout.isatty()
     last_print = 0.0
     smooth_loss, training_time, step = 0.0, 0.0, 0
@@ -583,6 +584,8 @@ def main():
     if interactive:
         print()
     train_loader.close()
+    loop_seconds, waited = time.time() - t_loop, train_loader.wait_seconds - wait_before_loop
+    print(f"data: the loop waited {waited:.2f}s for batches in {loop_seconds:.1f}s ({100 * waited / loop_seconds:.2f}%)")
 
     # -------------------------------------------------------------------------
     # Evaluation and summary
@@ -607,7 +610,10 @@ def main():
 if __name__ == "__main__":
     try:
         main()
-    except torch.OutOfMemoryError:
+    except torch.OutOfMemoryError:  # the agent logs a crash and moves on
         print(f"\nFAIL: out of memory on {DEVICE_TYPE}; lower DEVICE_BATCH_SIZE (now {DEVICE_BATCH_SIZE}) "
               "and keep TOTAL_BATCH_SIZE a multiple of it times MAX_SEQ_LEN", flush=True)
         sys.exit(1)
+    except KeyboardInterrupt:
+        print("\ninterrupted", flush=True)
+        sys.exit(130)

@@ -106,6 +106,20 @@ class Hub:
         self.server.server_close()
 
 
+@pytest.fixture(scope="session", autouse=True)
+def bytecode_cache(tmp_path_factory):
+    """Many tests start python subprocesses that import torch. Where PYTHONDONTWRITEBYTECODE is set and the
+    venv holds no .pyc files, each would compile torch from source again (seconds of CPU): give them one
+    bytecode cache for the session, outside the repo and the venv."""
+    if not os.environ.get("PYTHONDONTWRITEBYTECODE"):
+        yield
+        return
+    with pytest.MonkeyPatch.context() as mp:
+        mp.delenv("PYTHONDONTWRITEBYTECODE")
+        mp.setenv("PYTHONPYCACHEPREFIX", str(tmp_path_factory.mktemp("pycache")))
+        yield
+
+
 @pytest.fixture
 def hub(tmp_path):
     """A hub serving training shards 0 and 1 and the validation shard."""

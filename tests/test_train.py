@@ -6,8 +6,13 @@ Run: uv run pytest tests/test_train.py
 """
 
 import math
+import os
 import re
 import shutil
+import signal
+import subprocess
+import sys
+import time
 
 import pytest
 import torch
@@ -293,3 +298,57 @@ def test_nan_loss_prints_fail_and_exits_non_zero(prepared_cache, tmp_path):
     result = run_script(script, cache=prepared_cache, timeout=120)
     assert result.returncode != 0
     assert "FAIL" in result.stdout and "---" not in result.stdout
+
+
+# -----------------------------------------------------------------------------
+# Faults: settings that cannot work, out of memory, the agent's kill
+
+
+@pytest.mark.parametrize("old,new,message", [
+    ("TOTAL_BATCH_SIZE, DEVICE_BATCH_SIZE = 2**13, 4", "TOTAL_BATCH_SIZE, DEVICE_BATCH_SIZE = 2**13, 3",
+     "TOTAL_BATCH_SIZE=8192 must be a multiple of DEVICE_BATCH_SIZE * MAX_SEQ_LEN"),
+    ('WINDOW_PATTERN = "SSSL"', 'WINDOW_PATTERN = "SSXL"', "WINDOW_PATTERN='SSXL' may contain only"),
+    ("DEPTH, ASPECT_RATIO, HEAD_DIM = 2, 64, 64", "DEPTH, ASPECT_RATIO, HEAD_DIM = 2, 64, 63", "HEAD_DIM=63"),
+])
+def test_impossible_settings_fail_in_one_line_before_anything_is_built(tmp_path, old, new, message):
+    script = patched_train_py(tmp_path, old, new)
+    result = run_script(script, cache=tmp_path / "no-cache", timeout=60)  # fails before it looks at the data
+    assert result.returncode == 1
+    assert result.stderr.strip().startswith("error: bad setting in train.py:") and message in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1 and "Traceback" not in result.stderr
+
+
+def test_out_of_memory_says_to_lower_the_device_batch_size(tmp_path):
+    script = patched_train_py(tmp_path, "    check_settings()\n",
+                              '    raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB")\n')
+    result = run_script(script, cache=tmp_path, timeout=60)
+    assert result.returncode == 1 and "Traceback" not in result.stderr
+    assert "FAIL: out of memory" in result.stdout and "lower DEVICE_BATCH_SIZE" in result.stdout
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
+def test_kill_during_training_exits_promptly_and_non_zero(prepared_cache, tmp_path, sig):
+    before = sorted(p.relative_to(prepared_cache) for p in prepared_cache.rglob("*"))
+    env = {k: v for k, v in os.environ.items() if not k.startswith("AUTORESEARCH_")}
+    env.update(AUTORESEARCH_CACHE_DIR=str(prepared_cache), PYTHONUNBUFFERED="1", AUTORESEARCH_TIME_BUDGET="600")
+    (tmp_path / "src").mkdir()
+    script = patched_train_py(tmp_path / "src", "TOTAL_BATCH_SIZE, DEVICE_BATCH_SIZE = 2**13, 4",
+                              "TOTAL_BATCH_SIZE, DEVICE_BATCH_SIZE = 2**11, 1")  # faster steps, same loop
+    workdir = tmp_path / "run"
+    workdir.mkdir()
+    proc = subprocess.Popen([sys.executable, str(script)], cwd=workdir, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        for line in proc.stdout:  # wait until it is really training
+            if line.startswith("step 00001"):
+                break
+        t0 = time.time()
+        proc.send_signal(sig)
+        proc.wait(timeout=30)
+        assert time.time() - t0 < 30
+    finally:
+        proc.kill()
+        proc.wait()
+    assert proc.returncode != 0
+    assert list(workdir.iterdir()) == []  # nothing written where it ran
+    assert sorted(p.relative_to(prepared_cache) for p in prepared_cache.rglob("*")) == before

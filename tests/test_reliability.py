@@ -1,0 +1,516 @@
+"""
+Reliability of `prepare.py` and of the start-up checks on the cache: faults injected by a local HTTP server
+(errors, dropped connections, short bodies, HTML pages, 404s, stalls), a download killed with SIGKILL, two
+runs at once on one cache, and files broken on disk after the fact (caught by train.py's start-up checks,
+repaired by re-running prepare.py). Every case runs the real
+`python prepare.py --num-shards 2` and ends by checking that nothing was lost or half-written: each file in
+the cache is complete and valid (byte-identical to the served shard; the tokenizer loads) or absent, and no
+*.tmp file is left behind.
+
+Run: uv run pytest tests/test_reliability.py
+"""
+
+import os
+import random
+import shutil
+import signal
+import socket
+import struct
+import subprocess
+import sys
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+
+import pytest
+
+from conftest import HUB_PATH, ROOT, VAL_SHARD, make_shards, run_script
+
+TIMEOUT = 120  # seconds: the most any one subprocess may take before the test fails
+SHARD0, SHARD1, VAL = "shard_00000.parquet", "shard_00001.parquet", f"shard_{VAL_SHARD:05d}.parquet"
+
+
+# -----------------------------------------------------------------------------
+# A hub that misbehaves on request
+
+
+class FaultHub:
+    """A real ThreadingHTTPServer on 127.0.0.1 serving shards at HUB_PATH, with a script of faults per shard.
+
+    `script[name]` is either a list of faults used by that shard's successive requests (then it is served
+    normally), or one fault used on every request. Faults:
+        "ok"         200 and the whole file
+        404/500/503  that status and a short text body
+        "html"       200 and an HTML error page (not parquet)
+        "drop"       full Content-Length, half of the body, then the socket is reset (RST)
+        "short"      full Content-Length, three quarters of the body, then a clean close (FIN)
+        "stall"      accepts and reads the request, then sends nothing
+        "stall_mid"  headers and a quarter of the body, then nothing
+        "slow"       the whole file, 4 KiB every 10 ms
+        "slow_stall" half of the file, 4 KiB every 10 ms, then nothing
+    A stall lasts until the client goes away, `release()` is called or `hold_s` passes.
+    """
+
+    def __init__(self, shards, script=None, hold_s=20.0, slow_chunk=4096, slow_delay=0.01):
+        self.shards = dict(shards)          # name -> bytes
+        self.script = dict(script or {})    # name -> list of faults, or one fault for every request
+        self.log = []                       # (name, fault) per request, in order
+        self.sent = {}                      # name -> body bytes written to the socket so far
+        self.hold_s, self.slow_chunk, self.slow_delay = hold_s, slow_chunk, slow_delay
+        self.lock = threading.Lock()
+        self.released = threading.Event()
+        hub = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_GET(self):
+                name = self.path.rsplit("/", 1)[-1]
+                with hub.lock:
+                    if self.path != f"/{HUB_PATH}/{name}" or name not in hub.shards:
+                        fault = 404
+                    else:
+                        s = hub.script.get(name, [])
+                        fault = s.pop(0) if isinstance(s, list) and s else ("ok" if isinstance(s, list) else s)
+                    hub.log.append((name, fault))
+                try:
+                    hub._serve(self, name, fault)
+                except OSError:  # the client went away (timed out, killed): nothing to do
+                    self.close_connection = True
+
+            def log_message(self, *args):
+                pass
+
+        class Server(ThreadingHTTPServer):
+            daemon_threads = True
+
+            def handle_error(self, request, client_address):
+                pass
+
+        self.server = Server(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    def _send_body(self, handler, name, data):
+        handler.wfile.write(data)
+        with self.lock:
+            self.sent[name] = self.sent.get(name, 0) + len(data)
+
+    def _hold(self, handler):
+        """Sends nothing until the client closes, release() or hold_s."""
+        handler.connection.settimeout(0.1)
+        deadline = time.monotonic() + self.hold_s
+        while not self.released.is_set() and time.monotonic() < deadline:
+            try:
+                if handler.connection.recv(1) == b"":
+                    break  # the client closed its end
+            except socket.timeout:
+                pass
+        handler.close_connection = True
+
+    def _serve(self, handler, name, fault):
+        data = self.shards.get(name, b"")
+        if isinstance(fault, int):
+            body = f"{fault} error\n".encode()
+            handler.send_response(fault)
+            handler.send_header("Content-Type", "text/plain")
+            handler.send_header("Content-Length", str(len(body)))
+            handler.end_headers()
+            handler.wfile.write(body)
+            return
+        if fault == "html":
+            body = b"<!DOCTYPE html><html><body><h1>Service temporarily unavailable</h1></body></html>\n" * 20
+            handler.send_response(200)
+            handler.send_header("Content-Type", "text/html; charset=utf-8")
+            handler.send_header("Content-Length", str(len(body)))
+            handler.end_headers()
+            self._send_body(handler, name, body)
+            return
+        if fault == "stall":
+            self._hold(handler)
+            return
+        handler.send_response(200)
+        handler.send_header("Content-Type", "application/octet-stream")
+        handler.send_header("Content-Length", str(len(data)))  # always the full length, whatever is sent
+        handler.end_headers()
+        if fault == "ok":
+            self._send_body(handler, name, data)
+        elif fault in ("slow", "slow_stall"):
+            end = len(data) if fault == "slow" else len(data) // 2
+            for i in range(0, end, self.slow_chunk):
+                if self.released.is_set():
+                    handler.close_connection = True
+                    return
+                self._send_body(handler, name, data[i:min(i + self.slow_chunk, end)])
+                time.sleep(self.slow_delay)
+            if fault == "slow_stall":
+                self._hold(handler)
+        elif fault == "drop":
+            self._send_body(handler, name, data[:len(data) // 2])
+            handler.connection.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+            handler.connection.close()  # RST, mid-body
+            handler.close_connection = True
+        elif fault == "short":
+            self._send_body(handler, name, data[:len(data) * 3 // 4])
+            handler.close_connection = True
+        elif fault == "stall_mid":
+            self._send_body(handler, name, data[:len(data) // 4])
+            self._hold(handler)
+        else:
+            raise AssertionError(f"unknown fault {fault!r}")
+
+    def requests_for(self, name):
+        return [f for n, f in self.log if n == name]
+
+    def release(self):
+        self.released.set()
+
+    def close(self):
+        self.release()
+        self.server.shutdown()
+        self.server.server_close()
+
+
+# -----------------------------------------------------------------------------
+# Fixtures and helpers
+
+
+@pytest.fixture(scope="module")
+def served(tmp_path_factory):
+    """name -> bytes of the tiny shards the hub serves (training shards 0 and 1, and the validation shard)."""
+    paths = make_shards(tmp_path_factory.mktemp("served"))
+    return {p.name: p.read_bytes() for p in paths}
+
+
+@pytest.fixture
+def make_hub(served):
+    hubs = []
+
+    def make(script=None, **kwargs):
+        hubs.append(FaultHub(served, script, **kwargs))
+        return hubs[-1]
+
+    yield make
+    for h in hubs:
+        h.close()
+
+
+def script_env(cache, endpoint=None, extra_env=None):
+    """The environment run_script gives a script, for Popen."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("AUTORESEARCH_", "HF_"))}
+    env.update(AUTORESEARCH_CACHE_DIR=str(cache), HF_ENDPOINT=endpoint or "http://127.0.0.1:9",
+               AUTORESEARCH_BACKOFF_S="0.05", PYTHONUNBUFFERED="1")
+    env.update(extra_env or {})
+    return env
+
+
+def prepare(cache, hub, extra_env=None):
+    return run_script("prepare.py", "--num-shards", "2", cache=cache, endpoint=hub.url, timeout=TIMEOUT,
+                      extra_env=extra_env)
+
+
+def start_prepare(cache, hub):
+    return subprocess.Popen([sys.executable, str(ROOT / "prepare.py"), "--num-shards", "2"], cwd=ROOT,
+                            env=script_env(cache, hub.url), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True)
+
+
+def startup_check(cache):
+    """`python train.py` on a broken cache: its start-up checks (Tokenizer.from_directory, shard_paths("train"),
+    shard_paths("val")) must stop it before it builds a model. On a good cache it would train: TIMEOUT bounds it."""
+    return run_script("train.py", cache=cache, timeout=TIMEOUT)
+
+
+def output(r):
+    return f"exit {r.returncode}\n--- stdout\n{r.stdout}\n--- stderr\n{r.stderr}"
+
+
+def assert_clean_failure(r, *names):
+    """Non-zero exit, no traceback, and the broken or missing files named on stderr."""
+    assert r.returncode != 0, output(r)
+    assert "Traceback" not in r.stdout + r.stderr, output(r)
+    for name in names:
+        assert name in r.stderr, output(r)
+
+
+def assert_one_line_error(r, name):
+    """Exit 1, no traceback, one line on stderr naming the file and saying to re-run prepare.py."""
+    assert r.returncode == 1, output(r)
+    assert "Traceback" not in r.stdout + r.stderr, output(r)
+    lines = [line for line in r.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1, output(r)
+    assert lines[0].startswith("error: ") and name in lines[0] and "uv run prepare.py" in lines[0], output(r)
+
+
+_prepare_module = None
+
+
+def prepare_module():
+    """prepare.py imported into the test process (its functions take explicit paths where it matters)."""
+    global _prepare_module
+    if _prepare_module is None:
+        sys.path.insert(0, str(ROOT))
+        import prepare
+        _prepare_module = prepare
+    return _prepare_module
+
+
+def assert_cache_intact(cache, served, shards=None, tokenizer=None):
+    """Every file in the cache is complete and valid or absent, and no temporary file is left.
+
+    `shards`: the shard names that must be there (None: any). `tokenizer`: True/False if it must be
+    there/absent (None: either)."""
+    cache = Path(cache)
+    assert not [str(p) for p in cache.rglob("*.tmp")], "temporary files left behind"
+    data = cache / "data"
+    present = sorted(p.name for p in data.iterdir()) if data.is_dir() else []
+    for name in present:
+        assert name in served, f"unexpected file {data / name}"
+        assert (data / name).read_bytes() == served[name], f"{data / name} differs from the served shard"
+    if shards is not None:
+        assert present == sorted(shards)
+    tok = cache / "tokenizer"
+    files = [tok / "tokenizer.pkl", tok / "token_bytes.pt"]
+    if tokenizer is not None:
+        assert all(f.exists() for f in files) == tokenizer and any(f.exists() for f in files) == tokenizer
+    if any(f.exists() for f in files):
+        return load_tokenizer(tok)
+
+
+def load_tokenizer(tokenizer_dir):
+    prepare = prepare_module()
+    t = prepare.Tokenizer.from_directory(str(tokenizer_dir))
+    assert t.get_vocab_size() == prepare.VOCAB_SIZE
+    text = "Hello world 12345, привет 你好"
+    assert t.decode(t.encode(text)) == text
+    token_bytes = prepare.get_token_bytes(tokenizer_dir=str(tokenizer_dir))
+    assert len(token_bytes) == prepare.VOCAB_SIZE and int(token_bytes[t.get_bos_token_id()]) == 0
+    return t
+
+
+def copy_cache(src, dst):
+    shutil.copytree(src, dst)
+    return dst
+
+
+# -----------------------------------------------------------------------------
+# 1-5: faults on the wire
+
+
+def test_server_errors_are_retried(make_hub, served, tmp_path):
+    """500/503 then success: retried, every shard complete, exit 0."""
+    hub = make_hub({SHARD0: [500, 503], SHARD1: [503], VAL: [500, 500, 503]})
+    r = prepare(tmp_path / "cache", hub)
+    assert r.returncode == 0, output(r)
+    assert hub.requests_for(SHARD0) == [500, 503, "ok"]
+    assert hub.requests_for(SHARD1) == [503, "ok"]
+    assert hub.requests_for(VAL) == [500, 500, 503, "ok"]
+    assert_cache_intact(tmp_path / "cache", served, shards=served, tokenizer=True)
+
+
+def test_dropped_connection_and_short_body_are_never_promoted(make_hub, served, tmp_path):
+    """Connection reset mid-body, or a body shorter than its Content-Length: retried, never taken for a shard."""
+    hub = make_hub({SHARD0: ["drop", "drop"], SHARD1: ["short"], VAL: ["short", "drop"]})
+    r = prepare(tmp_path / "cache", hub)
+    assert r.returncode == 0, output(r)
+    assert hub.requests_for(SHARD0) == ["drop", "drop", "ok"]
+    assert hub.requests_for(SHARD1) == ["short", "ok"]
+    assert hub.requests_for(VAL) == ["short", "drop", "ok"]
+    assert_cache_intact(tmp_path / "cache", served, shards=served, tokenizer=True)
+
+
+def test_html_error_page_is_rejected(make_hub, served, tmp_path):
+    """An HTML page with status 200 on every attempt: not promoted, named on stderr, exit non-zero."""
+    hub = make_hub({SHARD0: "html"})
+    r = prepare(tmp_path / "cache", hub)
+    assert_clean_failure(r, SHARD0)
+    assert "not a valid parquet file" in r.stderr, output(r)
+    assert hub.requests_for(SHARD0) == ["html"] * 5  # every attempt made, none taken
+    assert_cache_intact(tmp_path / "cache", served, shards=[SHARD1, VAL], tokenizer=False)
+
+
+def test_missing_shard_is_named_and_rerun_fetches_only_it(make_hub, served, tmp_path):
+    """404 on every attempt: the others complete, the missing one is named, exit non-zero; a re-run once the
+    hub serves it fetches that one file only."""
+    cache = tmp_path / "cache"
+    hub = make_hub({SHARD1: 404})
+    r = prepare(cache, hub)
+    assert_clean_failure(r, SHARD1, "HTTP 404")
+    assert "re-run `uv run prepare.py`" in r.stderr, output(r)
+    assert_cache_intact(cache, served, shards=[SHARD0, VAL], tokenizer=False)
+
+    hub.script[SHARD1] = []  # now served
+    hub.log.clear()
+    r = prepare(cache, hub)
+    assert r.returncode == 0, output(r)
+    assert hub.log == [(SHARD1, "ok")], "the re-run fetched more than the missing shard"
+    assert "2/3 shards already" in r.stdout, output(r)
+    assert_cache_intact(cache, served, shards=served, tokenizer=True)
+
+
+def test_stalled_server_times_out_and_retries(make_hub, served, tmp_path):
+    """A server that accepts and sends nothing, or stops mid-body: each attempt times out after
+    AUTORESEARCH_HTTP_TIMEOUT seconds and is retried. Shard 0 completes once the stall clears; the
+    validation shard, stalled on every attempt, fails cleanly and is named. All in bounded time."""
+    hub = make_hub({SHARD0: ["stall", "stall_mid"], VAL: "stall"})
+    t0 = time.monotonic()
+    r = prepare(tmp_path / "cache", hub, extra_env={"AUTORESEARCH_HTTP_TIMEOUT": "1"})
+    elapsed = time.monotonic() - t0
+    assert elapsed < 30, f"took {elapsed:.0f}s\n{output(r)}"
+    assert_clean_failure(r, VAL)
+    assert SHARD0 not in r.stderr, output(r)
+    assert hub.requests_for(SHARD0) == ["stall", "stall_mid", "ok"]
+    assert hub.requests_for(VAL) == ["stall"] * 5
+    assert_cache_intact(tmp_path / "cache", served, shards=[SHARD0, SHARD1], tokenizer=False)
+
+
+# -----------------------------------------------------------------------------
+# 6-7: processes killed, or running at once
+
+
+def test_sigkill_mid_download_then_rerun(make_hub, served, tmp_path):
+    """prepare.py killed with SIGKILL while a shard is half sent: no partial file is taken for a shard, and a
+    re-run completes and removes the dead process's temporary file."""
+    cache = tmp_path / "cache"
+    hub = make_hub({SHARD0: ["slow_stall"]})  # sends half of the shard slowly, then holds: the kill lands mid-body
+    proc = start_prepare(cache, hub)
+    try:
+        deadline = time.monotonic() + 60
+        while not (hub.sent.get(SHARD0, 0) >= 16384 and list((cache / "data").glob(f"{SHARD0}.*.tmp"))
+                   and (cache / "data" / SHARD1).exists() and (cache / "data" / VAL).exists()):  # the others done
+            assert proc.poll() is None, "prepare.py ended before the kill"
+            assert time.monotonic() < deadline, "the download never started"
+            time.sleep(0.005)
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.wait(timeout=30)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        proc.communicate(timeout=30)
+    assert proc.returncode == -signal.SIGKILL
+    assert hub.sent[SHARD0] < len(served[SHARD0])
+    leftovers = list((cache / "data").glob("*.tmp"))
+    assert [p.name.split(".")[0] for p in leftovers] == ["shard_00000"], leftovers  # the dead process's file
+    assert not (cache / "data" / SHARD0).exists(), "a partial download was taken for a shard"
+    for p in (cache / "data").glob("*.parquet"):
+        assert p.read_bytes() == served[p.name]
+
+    before = len(hub.log)
+    r = prepare(cache, hub)
+    assert r.returncode == 0, output(r)
+    assert hub.log[before:] == [(SHARD0, "ok")]  # only the one that was cut
+    assert_cache_intact(cache, served, shards=served, tokenizer=True)
+
+
+def test_ctrl_c_starts_no_further_download(make_hub, served, tmp_path):
+    """SIGINT (Ctrl-C) mid-download: the download in flight ends, no queued one starts (before the fix the
+    whole queue still ran: with --num-shards -1, thousands of shards), and nothing half-written is left."""
+    cache = tmp_path / "cache"
+    hub = make_hub({name: "slow" for name in served}, slow_delay=0.02)  # ~2 s per shard
+    proc = subprocess.Popen([sys.executable, str(ROOT / "prepare.py"), "--num-shards", "2", "--download-workers", "1"],
+                            cwd=ROOT, env=script_env(cache, hub.url), stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 60
+        while hub.sent.get(SHARD0, 0) < 16384:
+            assert proc.poll() is None, "prepare.py ended before the interrupt"
+            assert time.monotonic() < deadline, "the download never started"
+            time.sleep(0.005)
+        proc.send_signal(signal.SIGINT)
+        t0 = time.monotonic()
+        proc.communicate(timeout=30)
+        assert time.monotonic() - t0 < 15
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate(timeout=30)
+    assert proc.returncode != 0
+    assert hub.log == [(SHARD0, "slow")], "a download started after Ctrl-C"
+    assert_cache_intact(cache, served, tokenizer=False)
+
+
+def test_two_runs_at_once_on_one_cache(make_hub, served, tmp_path, prepared_cache):
+    """Two prepare.py at the same time: both exit 0, every shard is valid, the tokenizer is trained once and
+    is the one a single run trains."""
+    cache = tmp_path / "cache"
+    slow_twice = ["slow", "slow"]  # both processes' downloads overlap
+    hub = make_hub({SHARD0: list(slow_twice), SHARD1: list(slow_twice), VAL: list(slow_twice)},
+                   slow_chunk=65536, slow_delay=0.02)
+    procs = [start_prepare(cache, hub) for _ in range(2)]
+    try:
+        outs = [p.communicate(timeout=TIMEOUT) for p in procs]
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+                p.communicate()
+    for p, (out, err) in zip(procs, outs):
+        assert p.returncode == 0, f"exit {p.returncode}\n{out}\n{err}"
+        assert "Traceback" not in out + err, err
+    trained = [out for out, _ in outs if "Tokenizer: trained" in out]
+    loaded = [out for out, _ in outs if "Tokenizer: already trained" in out]
+    assert len(trained) == 1 and len(loaded) == 1, outs  # the file lock: one trains, the other waits and loads
+    t = assert_cache_intact(cache, served, shards=served, tokenizer=True)
+    ref = load_tokenizer(prepared_cache / "tokenizer")
+    assert t.enc._mergeable_ranks == ref.enc._mergeable_ranks
+    assert t.enc._special_tokens == ref.enc._special_tokens
+
+
+# -----------------------------------------------------------------------------
+# 8-9: files broken on disk after a good run
+
+
+def test_broken_shard_on_disk_is_reported_and_downloaded_again(make_hub, served, tmp_path, prepared_cache):
+    """A shard truncated, another overwritten with garbage: train.py's start-up check names the file and says
+    to delete it and re-run prepare (exit 1, no traceback); prepare.py names both and fetches them again."""
+    cache = copy_cache(prepared_cache, tmp_path / "cache")
+    train_path, val_path = cache / "data" / SHARD1, cache / "data" / VAL
+    train_path.write_bytes(served[SHARD1][:len(served[SHARD1]) // 2])        # truncated
+    val_path.write_bytes(random.Random(0).randbytes(len(served[VAL])))      # garbage, same size
+
+    r = startup_check(cache)
+    assert_one_line_error(r, str(train_path))
+    assert "Delete it" in r.stderr, output(r)
+
+    hub = make_hub()
+    r = prepare(cache, hub)
+    assert r.returncode == 0, output(r)
+    for p in (train_path, val_path):
+        assert f"{p} is not a valid parquet file" in r.stdout and "downloading it again" in r.stdout, output(r)
+    assert sorted(n for n, _ in hub.log) == sorted([SHARD1, VAL])  # only the broken ones
+    assert "Tokenizer: already trained" in r.stdout, output(r)
+    assert_cache_intact(cache, served, shards=served, tokenizer=True)
+
+
+TOKENIZER_FAULTS = [(f, how) for f in ("tokenizer.pkl", "token_bytes.pt") for how in ("garbage", "truncated", "missing")]
+
+
+def test_broken_tokenizer_is_reported_and_retrained(make_hub, served, tmp_path, prepared_cache):
+    """tokenizer.pkl or token_bytes.pt garbage, truncated or missing: train.py's start-up check says in one
+    line to re-run prepare (exit 1, no traceback); re-running prepare.py trains the tokenizer again.
+
+    The six cases run three at a time, to keep the file's run time down."""
+    hub = make_hub()
+
+    def run_case(case):
+        filename, how = case
+        cache = copy_cache(prepared_cache, tmp_path / f"{filename}-{how}")
+        path = cache / "tokenizer" / filename
+        if how == "garbage":
+            path.write_bytes(random.Random(1).randbytes(4096))
+        elif how == "truncated":
+            path.write_bytes(path.read_bytes()[:path.stat().st_size // 2])
+        else:
+            path.unlink()
+        return cache, startup_check(cache), prepare(cache, hub)
+
+    with ThreadPoolExecutor(max_workers=3) as pool:
+        results = list(pool.map(run_case, TOKENIZER_FAULTS))
+    for (filename, how), (cache, checked, repaired) in zip(TOKENIZER_FAULTS, results):
+        tok = cache / "tokenizer"
+        named = str(tok) if how == "missing" else str(tok / filename)  # missing: "tokenizer not found in <dir>"
+        assert_one_line_error(checked, named)
+        assert repaired.returncode == 0, f"{filename} {how}\n{output(repaired)}"
+        assert "Tokenizer: trained" in repaired.stdout, f"{filename} {how}\n{output(repaired)}"
+        assert_cache_intact(cache, served, shards=served, tokenizer=True)
+    assert hub.log == [], "repairing the tokenizer downloaded shards again"
