@@ -292,6 +292,7 @@ class Tokenizer:
     def __init__(self, enc):
         self.enc = enc
         self.bos_token_id = enc.encode_single_token(BOS_TOKEN)
+        self._pool = None  # threads for encode_arrays, started on first use
 
     @classmethod
     def from_directory(cls, tokenizer_dir=None):
@@ -329,6 +330,20 @@ class Tokenizer:
             return ids if prepend is None else [prepend] + ids
         ids = self.enc.encode_ordinary_batch(text, num_threads=num_threads)
         return ids if prepend is None else [[prepend] + row for row in ids]
+
+    def encode_arrays(self, texts, prepend):
+        """list[str] -> one uint32 array per text, `prepend` first: the same ids as encode(), straight from the
+        Rust encoder into numpy (no Python int per token), on a thread pool (the encoder releases the GIL)."""
+        if self._pool is None:
+            self._pool = ThreadPoolExecutor(max_workers=8, thread_name_prefix="tokenizer")
+
+        def one(text):
+            ids = self.enc.encode_to_numpy(text, allowed_special=set(), disallowed_special=())
+            out = np.empty(len(ids) + 1, dtype=np.uint32)
+            out[0], out[1:] = prepend, ids
+            return out
+
+        return list(self._pool.map(one, texts))
 
     def decode(self, ids):
         return self.enc.decode(ids)
@@ -406,6 +421,7 @@ def pack_batches(tokenizer, B, T, doc_batches, buffer_size=1000):
     if none fits, take the shortest, keep its first `room` tokens and drop the rest. The buffer is topped up
     to `buffer_size` documents before each pick."""
     bos = tokenizer.get_bos_token_id()
+    encode = getattr(tokenizer, "encode_arrays", tokenizer.encode)  # any tokenizer with encode(list, prepend=)
     buffer = DocumentBuffer()
     epoch = 1
     while True:
@@ -415,11 +431,8 @@ def pack_batches(tokenizer, B, T, doc_batches, buffer_size=1000):
             while pos <= T:
                 while buffer.count < buffer_size:
                     texts, epoch = next(doc_batches)
-                    docs = tokenizer.encode(texts, prepend=bos)
-                    flat = np.fromiter(itertools.chain.from_iterable(docs), dtype=np.int64)
-                    ends = np.cumsum([len(d) for d in docs])
-                    for start, end in zip(itertools.chain([0], ends), ends):
-                        buffer.add(flat[start:end])
+                    for doc in encode(texts, prepend=bos):
+                        buffer.add(doc)
                 doc = buffer.pop(T + 1 - pos)
                 n = min(len(doc), T + 1 - pos)
                 rows[r, pos:pos + n] = doc[:n]

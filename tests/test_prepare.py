@@ -1,0 +1,589 @@
+"""
+Tests for prepare.py: the download, the tokenizer, the packing dataloader (against a naive packer that
+transcribes the spec), evaluate_bpb (against a hand computation), and the error messages of a broken cache.
+
+Run: uv run pytest tests/test_prepare.py
+"""
+
+import functools
+import gc
+import itertools
+import math
+import os
+import shutil
+import threading
+from concurrent.futures import ThreadPoolExecutor
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+import torch
+import torch.nn.functional as F
+
+import prepare
+from conftest import HUB_PATH, Hub, make_documents, make_shards, run_script, write_shard
+
+VOCAB_SIZE = 8192
+BOS_ID = 8188  # <|reserved_0|>, the first special token after the 8188 learned ones
+VAL_NAME = "shard_06542.parquet"
+
+# -----------------------------------------------------------------------------
+# The naive packer: the spec's rule written as plainly as possible (also timed by benchmark_packing.py)
+
+
+def naive_document_batches(paths):
+    """(texts, epoch) forever: files in order, row group by row group, 128 documents per tokenizer call."""
+    epoch = 1
+    while True:
+        for path in paths:
+            pf = pq.ParquetFile(path)
+            for rg in range(pf.num_row_groups):
+                texts = pf.read_row_group(rg).column("text").to_pylist()
+                for i in range(0, len(texts), 128):
+                    yield texts[i:i + 128], epoch
+        epoch += 1
+
+
+def naive_pack_batches(tokenizer, B, T, doc_batches, buffer_size=1000):
+    """(rows, epoch) forever, rows a list of B lists of T+1 token ids. A list buffer, scanned in full per pick."""
+    bos = tokenizer.get_bos_token_id()
+    buffer = []  # tokenized documents in the order they arrived
+    epoch = 1
+    while True:
+        rows = []
+        for _ in range(B):
+            row = []
+            while len(row) < T + 1:
+                while len(buffer) < buffer_size:
+                    texts, epoch = next(doc_batches)
+                    buffer.extend(tokenizer.encode(texts, prepend=bos))
+                room = T + 1 - len(row)
+                best = -1  # the largest document that fits entirely; strict > keeps the first on ties
+                for i, doc in enumerate(buffer):
+                    if len(doc) <= room and (best < 0 or len(doc) > len(buffer[best])):
+                        best = i
+                if best >= 0:
+                    row += buffer.pop(best)
+                else:  # none fits: the shortest (strict < keeps the first on ties), cropped to the room left
+                    shortest = 0
+                    for i, doc in enumerate(buffer):
+                        if len(doc) < len(buffer[shortest]):
+                            shortest = i
+                    row += buffer.pop(shortest)[:room]
+            rows.append(row)
+        yield rows, epoch
+
+
+def naive_batches(tokenizer, B, T, doc_batches, min_epoch=1, min_batches=1):
+    """(inputs, targets, epoch) tensors from the naive packer, until both the epoch and the count are reached."""
+    out = []
+    for rows, epoch in naive_pack_batches(tokenizer, B, T, doc_batches):
+        rows = torch.tensor(rows, dtype=torch.long)
+        out.append((rows[:, :-1], rows[:, 1:], epoch))
+        if epoch >= min_epoch and len(out) >= min_batches:
+            return out
+
+
+class WordTokenizer:
+    """Fake tokenizer: each whitespace-separated integer of a text is one token id, so lengths are exact."""
+
+    def get_bos_token_id(self):
+        return 0
+
+    def encode(self, texts, prepend=None):
+        return [[prepend] + [int(w) for w in text.split()] for text in texts]
+
+
+def cycle_batches(texts, batch_size=128):
+    """(texts, epoch) forever over an in-memory list, like the shard reader."""
+    for epoch in itertools.count(1):
+        for i in range(0, len(texts), batch_size):
+            yield texts[i:i + batch_size], epoch
+
+
+def tie_heavy_texts(n_docs, seed):
+    """Documents of 0-11 tokens (before BOS): many exact ties. Each document's tokens are its own number."""
+    rng = np.random.default_rng(seed)
+    return [" ".join([str(k)] * int(rng.integers(0, 12))) for k in range(1, n_docs + 1)]
+
+
+# -----------------------------------------------------------------------------
+# Fixtures
+
+
+@pytest.fixture(scope="module")
+def tokenizer(prepared_cache):
+    return prepare.Tokenizer.from_directory(str(prepared_cache / "tokenizer"))
+
+
+@pytest.fixture
+def small_data(tmp_path, monkeypatch):
+    """A data directory of small shards (row groups of 200, so tokenizer batches of 128 and 72), used by prepare."""
+    data = tmp_path / "data"
+    for index, n_docs in [(0, 450), (1, 130), (2, 90), (6542, 300)]:
+        write_shard(data / f"shard_{index:05d}.parquet", make_documents(100 + index, n_docs), row_group_size=200)
+    monkeypatch.setattr(prepare, "DATA_DIR", str(data))
+    return data
+
+
+# -----------------------------------------------------------------------------
+# Download, end to end through `python prepare.py`
+
+
+@pytest.fixture(scope="module")
+def download(tmp_path_factory):
+    """`prepare.py --num-shards 2` run twice on one cache, against a hub that also serves shard 2."""
+    root = tmp_path_factory.mktemp("download")
+    hub = Hub(root / "hub")
+    make_shards(hub.shard_dir, indices=(0, 1, 2, 6542))
+    cache = root / "cache"
+    try:
+        first = run_script("prepare.py", "--num-shards", "2", cache=cache, endpoint=hub.url)
+        first_requests = list(hub.requests)
+        second = run_script("prepare.py", "--num-shards", "2", cache=cache, endpoint=hub.url)
+        second_requests = hub.requests[len(first_requests):]
+    finally:
+        hub.close()
+    return dict(hub=hub, cache=cache, first=first, second=second, first_requests=first_requests,
+                second_requests=second_requests)
+
+
+def test_prepare_downloads_training_shards_and_validation_shard_intact(download):
+    first, cache, hub = download["first"], download["cache"], download["hub"]
+    assert first.returncode == 0, first.stdout + first.stderr
+    names = ["shard_00000.parquet", "shard_00001.parquet", VAL_NAME]
+    assert sorted(os.listdir(cache / "data")) == names
+    for name in names:
+        assert (cache / "data" / name).read_bytes() == (hub.shard_dir / name).read_bytes(), name
+    assert "3/3 shards ready" in first.stdout
+
+
+def test_prepare_trains_and_saves_the_tokenizer(download):
+    cache = download["cache"]
+    assert (cache / "tokenizer" / "tokenizer.pkl").is_file()
+    assert (cache / "tokenizer" / "token_bytes.pt").is_file()
+    assert "Tokenizer: trained 8192 tokens" in download["first"].stdout
+    assert list(cache.rglob("*.tmp")) == []
+
+
+def test_prepare_fetches_no_shard_beyond_num_shards(download):
+    requested = sorted(path.rsplit("/", 1)[-1] for path in download["first_requests"])
+    assert requested == ["shard_00000.parquet", "shard_00001.parquet", VAL_NAME]
+    assert all(path.startswith(f"/{HUB_PATH}/") for path in download["first_requests"])
+    assert not (download["cache"] / "data" / "shard_00002.parquet").exists()
+
+
+def test_prepare_rerun_downloads_nothing_and_keeps_the_tokenizer(download):
+    second = download["second"]
+    assert second.returncode == 0, second.stdout + second.stderr
+    assert download["second_requests"] == []
+    assert "3/3 shards already" in second.stdout
+    assert "Tokenizer: already trained" in second.stdout
+
+
+# -----------------------------------------------------------------------------
+# Tokenizer (the one trained by prepare.py for the session's cache)
+
+
+def test_tokenizer_has_8188_learned_tokens_then_4_reserved_special_tokens(tokenizer):
+    enc = tokenizer.enc
+    assert tokenizer.get_vocab_size() == enc.n_vocab == VOCAB_SIZE
+    assert tokenizer.get_bos_token_id() == BOS_ID
+    assert enc.special_tokens_set == {f"<|reserved_{i}|>" for i in range(4)}
+    for i in range(4):
+        assert enc.encode_single_token(f"<|reserved_{i}|>") == 8188 + i
+    learned = [enc.decode_single_token_bytes(i) for i in range(8188)]  # raises if an id is missing
+    assert len(set(learned)) == 8188 and all(learned)
+
+
+def test_token_bytes_is_utf8_length_of_each_token_decoded_alone(prepared_cache, tokenizer):
+    token_bytes = torch.load(prepared_cache / "tokenizer" / "token_bytes.pt", weights_only=True)
+    assert token_bytes.shape == (VOCAB_SIZE,)
+    assert token_bytes[8188:].tolist() == [0, 0, 0, 0]
+    expected = [len(tokenizer.decode([i]).encode("utf-8")) for i in range(8188)]
+    assert token_bytes[:8188].tolist() == expected
+    assert min(expected) > 0
+    assert torch.equal(prepare.get_token_bytes(tokenizer_dir=str(prepared_cache / "tokenizer")), token_bytes)
+
+
+def test_tokenizer_round_trips_mixed_text(tokenizer):
+    text = "Year 2024: 1234567 items.\n\nПривет, мир! 你好世界 🚀🙂 café naïve\ttabs  and   spaces\r\nend"
+    ids = tokenizer.encode(text)
+    assert all(0 <= i < 8188 for i in ids)
+    assert tokenizer.decode(ids) == text
+    assert tokenizer.decode(tokenizer.encode(text, prepend=BOS_ID)) == "<|reserved_0|>" + text
+
+
+def test_tokenizer_batch_encode_matches_single_encode_with_prepend(tokenizer):
+    texts = make_documents(7, 50) + ["", "42", "привет 你好"]
+    expected = [tokenizer.encode(t, prepend=BOS_ID) for t in texts]
+    assert tokenizer.encode(texts, prepend=BOS_ID) == expected
+    assert tokenizer.encode(texts, prepend="<|reserved_0|>") == expected
+    assert tokenizer.encode(texts) == [row[1:] for row in expected]
+    assert all(row[0] == BOS_ID for row in expected)
+
+
+def test_tokenizer_splits_numbers_into_groups_of_at_most_two_digits(tokenizer):
+    digits = set(b"0123456789")
+    learned = [tokenizer.enc.decode_single_token_bytes(i) for i in range(8188)]
+    with_digits = [b for b in learned if digits & set(b)]
+    assert any(len(b) == 2 for b in with_digits), "the training text has numbers: some 2-digit token is learned"
+    assert all(set(b) <= digits and len(b) <= 2 for b in with_digits), [b for b in with_digits if len(b) > 2]
+    # the groups start from the left: no token straddles digits 2|3, 4|5, ...
+    pieces = [tokenizer.decode([i]) for i in tokenizer.encode("1234567")]
+    assert "".join(pieces) == "1234567"
+    boundaries = set(itertools.accumulate(len(p) for p in pieces))
+    assert {2, 4, 6, 7} <= boundaries
+
+
+def test_corrupt_tokenizer_file_is_a_data_error_naming_the_file(prepared_cache, tmp_path):
+    shutil.copytree(prepared_cache / "tokenizer", tmp_path / "tokenizer")
+    (tmp_path / "tokenizer" / "tokenizer.pkl").write_bytes(b"not a pickle")
+    with pytest.raises(prepare.DataError, match="tokenizer.pkl is corrupt") as e:
+        prepare.Tokenizer.from_directory(str(tmp_path / "tokenizer"))
+    assert "uv run prepare.py" in str(e.value.code)
+
+
+# -----------------------------------------------------------------------------
+# Packing: the fast packer equals the naive one, token for token
+
+
+def test_packing_rule_on_a_hand_worked_example():
+    # capacity T+1 = 6, buffer of 3 documents, one document per tokenizer call; lengths include BOS
+    texts = ["1 1", "2 2 2 2 2 2 2", "3 3", "4", "5 5 5 5 5 5", "6 6 6 6 6", "7 7 7 7 7 7"]
+    expected = [[0, 1, 1, 0, 3, 3],   # doc 1 (3 tokens) and doc 3 (3) tie for the room of 6: the first wins
+                [0, 4, 0, 6, 6, 6],   # doc 4 fits; then nothing fits the room of 4: the shortest, doc 6, cropped
+                [0, 5, 5, 5, 5, 5]]   # nothing fits: docs 5 and 7 tie for shortest (7): the first, cropped
+    for pack in (prepare.pack_batches, naive_pack_batches):
+        rows, epoch = next(pack(WordTokenizer(), 3, 5, iter([([t], 1) for t in texts]), buffer_size=3))
+        assert np.asarray(rows).tolist() == expected, pack.__name__
+        assert epoch == 1
+
+
+@pytest.mark.parametrize("B,T", [(1, 3), (2, 7), (4, 12), (3, 40)])
+def test_pack_batches_equals_naive_packer_on_exact_ties(B, T):
+    texts = tie_heavy_texts(1500, seed=B * 100 + T)
+    fast = prepare.pack_batches(WordTokenizer(), B, T, cycle_batches(texts))
+    naive = naive_pack_batches(WordTokenizer(), B, T, cycle_batches(texts))
+    epoch = 1
+    while epoch < 4:  # several passes over the documents
+        (rows, epoch), (naive_rows, naive_epoch) = next(fast), next(naive)
+        assert rows.dtype == np.int64 and rows.shape == (B, T + 1)
+        assert rows.tolist() == naive_rows
+        assert epoch == naive_epoch
+
+
+@pytest.mark.parametrize("B,T", [(1, 16), (4, 64), (3, 300), (2, 2048)])
+def test_make_dataloader_equals_naive_packer_over_several_epochs(small_data, tokenizer, B, T):
+    train = [small_data / f"shard_{i:05d}.parquet" for i in (0, 1, 2)]
+    expected = naive_batches(tokenizer, B, T, naive_document_batches(train), min_epoch=4)
+    loader = prepare.make_dataloader(tokenizer, B, T, "train", device="cpu")
+    try:
+        for i, (inputs, targets, epoch) in enumerate(expected):
+            x, y, e = next(loader)
+            assert x.dtype == y.dtype == torch.long and x.shape == y.shape == (B, T)
+            assert torch.equal(x, inputs) and torch.equal(y, targets), f"batch {i}"
+            assert e == epoch, f"batch {i}"
+            assert (x[:, 0] == BOS_ID).all()
+            assert torch.equal(x[:, 1:], y[:, :-1])
+    finally:
+        loader.close()
+    assert expected[0][2] == 2 and expected[-1][2] == 4  # the first 1000 buffered documents span 2 passes of 670
+
+
+def test_val_split_reads_only_the_validation_shard(small_data, tokenizer):
+    expected = naive_batches(tokenizer, 2, 256, naive_document_batches([small_data / VAL_NAME]), min_epoch=3)
+    loader = prepare.make_dataloader(tokenizer, 2, 256, "val", device="cpu")
+    try:
+        for inputs, targets, epoch in expected:
+            x, y, e = next(loader)
+            assert torch.equal(x, inputs) and torch.equal(y, targets) and e == epoch
+    finally:
+        loader.close()
+
+
+def test_dataloader_yields_exactly_what_pack_batches_yields_whatever_the_prefetch():
+    texts = tie_heavy_texts(800, seed=1)
+    direct = list(itertools.islice(prepare.pack_batches(WordTokenizer(), 4, 9, cycle_batches(texts)), 50))
+    for prefetch in (1, 2, 8):
+        loader = prepare.DataLoader(prepare.pack_batches(WordTokenizer(), 4, 9, cycle_batches(texts)), 4, 9, "cpu",
+                                    prefetch=prefetch)
+        try:
+            for rows, epoch in direct:
+                x, y, e = next(loader)
+                assert torch.equal(x, torch.from_numpy(rows[:, :-1])) and torch.equal(y, torch.from_numpy(rows[:, 1:]))
+                assert e == epoch
+        finally:
+            loader.close()
+
+
+# -----------------------------------------------------------------------------
+# DataLoader: the background thread
+
+
+def new_dataloader_threads(before):
+    return [t for t in threading.enumerate() if t.name == "dataloader" and t not in before and t.is_alive()]
+
+
+def endless_loader():
+    return prepare.DataLoader(prepare.pack_batches(WordTokenizer(), 2, 16, cycle_batches(tie_heavy_texts(500, 2))),
+                              2, 16, "cpu")
+
+
+def test_closing_a_dataloader_stops_its_thread():
+    before = set(threading.enumerate())
+    loader = endless_loader()
+    next(loader)
+    assert len(new_dataloader_threads(before)) == 1
+    loader.close()
+    assert new_dataloader_threads(before) == []
+
+
+def test_dropping_a_dataloader_stops_its_thread():
+    before = set(threading.enumerate())
+    loader = endless_loader()
+    next(loader)
+    (thread,) = new_dataloader_threads(before)
+    del loader
+    gc.collect()
+    thread.join(timeout=5)
+    assert not thread.is_alive()
+
+
+def test_an_error_in_the_producer_is_raised_by_next_with_its_message():
+    before = set(threading.enumerate())
+
+    def batches():
+        yield np.zeros((1, 5), dtype=np.int64), 1
+        raise ValueError("shard_00003.parquet exploded")
+
+    loader = prepare.DataLoader(batches(), 1, 4, "cpu")
+    x, y, epoch = next(loader)
+    assert x.tolist() == [[0, 0, 0, 0]] and epoch == 1
+    with pytest.raises(ValueError, match="shard_00003.parquet exploded"):
+        next(loader)
+    assert new_dataloader_threads(before) == []
+
+
+# -----------------------------------------------------------------------------
+# evaluate_bpb
+
+
+class TinyBigram(torch.nn.Module):
+    """Next-token logits from the current token only (rank 16). forward(x, y, reduction) like train.py's GPT."""
+
+    def __init__(self):
+        super().__init__()
+        g = torch.Generator().manual_seed(0)
+        self.embed = torch.nn.Parameter(torch.randn(VOCAB_SIZE, 16, generator=g))
+        self.head = torch.nn.Parameter(torch.randn(16, VOCAB_SIZE, generator=g) * 0.5)
+
+    def forward(self, x, y, reduction="mean"):
+        logits = self.embed[x] @ self.head
+        return F.cross_entropy(logits.view(-1, VOCAB_SIZE), y.reshape(-1), reduction=reduction)
+
+
+class Uniform(torch.nn.Module):
+    """The same probability 1/8192 for every token: a loss of ln(8192) nats on every target."""
+
+    def __init__(self):
+        super().__init__()
+        self.unused = torch.nn.Parameter(torch.zeros(()))
+
+    def forward(self, x, y, reduction="mean"):
+        return torch.full(y.shape, math.log(VOCAB_SIZE))
+
+
+@pytest.fixture
+def val_setup(prepared_cache, tokenizer, monkeypatch):
+    """prepare pointed at the session's cache; the val batches evaluate_bpb sees with batch_size 2, 2 steps."""
+    monkeypatch.setattr(prepare, "DATA_DIR", str(prepared_cache / "data"))
+    monkeypatch.setattr(prepare, "TOKENIZER_DIR", str(prepared_cache / "tokenizer"))
+    batches = naive_batches(tokenizer, 2, 2048, naive_document_batches([prepared_cache / "data" / VAL_NAME]),
+                            min_batches=2)
+    token_bytes = torch.load(prepared_cache / "tokenizer" / "token_bytes.pt", weights_only=True)
+    return batches, token_bytes.long()
+
+
+EVAL_TOKENS = 2 * 2 * 2048 + 1000  # 2 batches of 2 x 2048 (the remainder is not evaluated)
+
+
+def test_evaluate_bpb_equals_hand_computation(tokenizer, val_setup):
+    batches, token_bytes = val_setup
+    model = TinyBigram()
+    nats = nbytes = 0.0
+    for x, y, _ in batches:
+        logits = model.embed.double()[x] @ model.head.double()  # (B, T, V)
+        ce = torch.logsumexp(logits, -1) - logits.gather(-1, y[..., None]).squeeze(-1)
+        b = token_bytes[y]
+        nats += ce[b > 0].sum().item()
+        nbytes += b.sum().item()
+    expected = nats / (math.log(2) * nbytes)
+    before = set(threading.enumerate())
+    assert prepare.evaluate_bpb(model, tokenizer, 2, eval_tokens=EVAL_TOKENS) == pytest.approx(expected, rel=1e-5)
+    assert new_dataloader_threads(before) == []  # its loader is closed
+
+
+def test_evaluate_bpb_of_a_uniform_model_is_13_bits_per_token_over_bytes_per_token(tokenizer, val_setup):
+    batches, token_bytes = val_setup
+    targets = torch.cat([y.reshape(-1) for _, y, _ in batches])
+    counted = token_bytes[targets] > 0
+    assert (targets == BOS_ID).sum() > 0 and not counted[targets == BOS_ID].any()
+    expected = 13 * counted.sum().item() / token_bytes[targets].sum().item()  # log2(8192) = 13 bits per token
+    assert prepare.evaluate_bpb(Uniform(), tokenizer, 2, eval_tokens=EVAL_TOKENS) == pytest.approx(expected, rel=1e-6)
+
+
+def test_evaluate_bpb_ignores_the_loss_on_special_token_targets(tokenizer, val_setup):
+    batches, _ = val_setup
+    assert sum((y == BOS_ID).sum().item() for _, y, _ in batches) > 0  # documents start mid-row: BOS targets
+
+    class HugeLossOnBos(TinyBigram):
+        def forward(self, x, y, reduction="mean"):
+            return super().forward(x, y, reduction) + 1e4 * (y.reshape(-1) == BOS_ID)
+
+    plain = prepare.evaluate_bpb(TinyBigram(), tokenizer, 2, eval_tokens=EVAL_TOKENS)
+    penalized = prepare.evaluate_bpb(HugeLossOnBos(), tokenizer, 2, eval_tokens=EVAL_TOKENS)
+    assert penalized == pytest.approx(plain, rel=1e-6)
+
+
+# -----------------------------------------------------------------------------
+# A broken cache fails up front, with one line saying what is wrong and what to run
+
+
+def run_train(cache):
+    """`python train.py`: it checks the tokenizer and the shards at start-up, before building a model.
+    (A check that came only after training started would run into the timeout.)"""
+    return run_script("train.py", cache=cache, timeout=120)
+
+
+def without_data_dir(cache):
+    shutil.rmtree(cache / "data")
+
+
+def with_empty_data_dir(cache):
+    for p in (cache / "data").iterdir():
+        p.unlink()
+
+
+def without_val_shard(cache):
+    (cache / "data" / VAL_NAME).unlink()
+
+
+def with_only_val_shard(cache):
+    for name in ("shard_00000.parquet", "shard_00001.parquet"):
+        (cache / "data" / name).unlink()
+
+
+def without_tokenizer(cache):
+    shutil.rmtree(cache / "tokenizer")
+
+
+def with_garbage_shard(cache):
+    (cache / "data" / "shard_00001.parquet").write_bytes(b"<html>rate limited</html>" * 100)
+
+
+def with_textless_shard(cache):
+    pq.write_table(pa.table({"content": ["a document"] * 10}), cache / "data" / "shard_00001.parquet")
+
+
+BROKEN_CACHES = [without_data_dir, with_empty_data_dir, without_val_shard, with_only_val_shard, without_tokenizer,
+                 with_garbage_shard, with_textless_shard]
+
+
+@pytest.fixture(scope="module")
+def failed_runs(prepared_cache, tmp_path_factory):
+    """Every failing command of this section, run in parallel (each one spends seconds of CPU importing torch).
+    name -> (cache, CompletedProcess)."""
+    root = tmp_path_factory.mktemp("broken")
+    jobs = {}  # name -> (cache, command)
+    for breaks in BROKEN_CACHES:
+        cache = root / breaks.__name__
+        shutil.copytree(prepared_cache, cache)
+        breaks(cache)
+        jobs[breaks.__name__] = (cache, functools.partial(run_train, cache))
+    for name, num_shards in [("unreachable_hub", "2"), ("zero_shards", "0")]:  # HF_ENDPOINT is a closed port
+        cache = root / name
+        jobs[name] = (cache, functools.partial(run_script, "prepare.py", "--num-shards", num_shards, cache=cache))
+    hub = Hub(root / "garbage_hub")
+    make_shards(hub.shard_dir)
+    (hub.shard_dir / "shard_00001.parquet").write_bytes(b"<html>rate limited</html>" * 100)
+    cache = root / "garbage_from_hub"
+    jobs["garbage_from_hub"] = (cache, functools.partial(run_script, "prepare.py", "--num-shards", "2", cache=cache,
+                                                         endpoint=hub.url))
+    try:
+        with ThreadPoolExecutor(max_workers=4) as pool:
+            results = {name: pool.submit(command) for name, (_, command) in jobs.items()}
+            return {name: (jobs[name][0], future.result()) for name, future in results.items()}
+    finally:
+        hub.close()
+
+
+def assert_one_line_error(result, *fragments):
+    assert result.returncode == 1, result.stdout + result.stderr
+    assert "Traceback" not in result.stderr, result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: "), result.stderr
+    for fragment in fragments:
+        assert fragment in lines[0], (fragment, lines[0])
+
+
+def test_missing_data_directory_fails_naming_it(failed_runs):
+    cache, result = failed_runs["without_data_dir"]
+    assert_one_line_error(result, "no data directory", str(cache / "data"), "uv run prepare.py")
+
+
+def test_empty_data_directory_fails_naming_it(failed_runs):
+    cache, result = failed_runs["with_empty_data_dir"]
+    assert_one_line_error(result, "no shards in", str(cache / "data"), "uv run prepare.py")
+
+
+def test_missing_validation_shard_fails_before_training(failed_runs):
+    cache, result = failed_runs["without_val_shard"]
+    assert_one_line_error(result, "validation shard", str(cache / "data" / VAL_NAME), "uv run prepare.py")
+    assert "val_bpb" not in result.stdout
+
+
+def test_only_the_validation_shard_means_no_training_shards(failed_runs):
+    cache, result = failed_runs["with_only_val_shard"]
+    assert_one_line_error(result, "no training shards", str(cache / "data"), "uv run prepare.py")
+
+
+def test_missing_tokenizer_fails_naming_its_directory(failed_runs):
+    cache, result = failed_runs["without_tokenizer"]
+    assert_one_line_error(result, "tokenizer not found", str(cache / "tokenizer"), "uv run prepare.py")
+
+
+@pytest.mark.parametrize("broken", ["with_garbage_shard", "with_textless_shard"])
+def test_unreadable_shard_fails_naming_it_and_saying_delete_and_rerun(failed_runs, broken):
+    cache, result = failed_runs[broken]
+    shard = cache / "data" / "shard_00001.parquet"
+    assert_one_line_error(result, str(shard), "Delete it and re-run `uv run prepare.py`")
+
+
+def test_prepare_with_an_unreachable_hub_fails_naming_the_shards_and_leaves_no_files(failed_runs):
+    cache, result = failed_runs["unreachable_hub"]
+    assert result.returncode == 1, result.stdout + result.stderr
+    assert "Traceback" not in result.stderr, result.stderr
+    for name in ("shard_00000.parquet", "shard_00001.parquet", VAL_NAME):
+        assert f"failed: {name}" in result.stderr
+    assert result.stderr.strip().splitlines()[-1].startswith("error: 3 shard(s) failed to download")
+    assert os.listdir(cache / "data") == []
+    assert not (cache / "tokenizer").exists()
+
+
+def test_prepare_rejects_a_download_that_is_not_parquet_and_leaves_no_partial_file(failed_runs):
+    cache, result = failed_runs["garbage_from_hub"]
+    assert result.returncode == 1, result.stdout + result.stderr
+    assert "Traceback" not in result.stderr, result.stderr
+    assert "failed: shard_00001.parquet: the response is not a valid parquet file" in result.stderr
+    assert "Data: 2/3 shards ready" in result.stdout
+    assert sorted(os.listdir(cache / "data")) == ["shard_00000.parquet", VAL_NAME]
+
+
+def test_prepare_rejects_zero_shards_with_a_usage_error(failed_runs):
+    cache, result = failed_runs["zero_shards"]
+    assert result.returncode == 2
+    assert "usage:" in result.stderr and "--num-shards must be at least 1" in result.stderr
+    assert "Traceback" not in result.stderr
+    assert not cache.exists()
