@@ -79,7 +79,7 @@ def load_attention_backend():
         return "sdpa", None, f"PyTorch SDPA with a mask ({reason}; flex attention failed: {type(e).__name__})"
 
 
-ATTN_BACKEND, fa3, ATTN_NOTE = None, None, None  # set by main() before the model is built
+ATTN_BACKEND, fa3 = None, None  # set by main() before the model is built
 
 
 @functools.lru_cache(maxsize=8)
@@ -487,20 +487,20 @@ def muon_momentum(step):
 
 
 def main():
-    global ATTN_BACKEND, fa3, ATTN_NOTE
+    global ATTN_BACKEND, fa3
     t_start = time.time()
     check_settings()
     # tests shorten the run with these two variables; experiments never set them
     budget = float(os.environ.get("AUTORESEARCH_TIME_BUDGET", TIME_BUDGET))
     val_tokens = int(os.environ.get("AUTORESEARCH_EVAL_TOKENS", VAL_TOKENS))
     tokenizer = Tokenizer.from_directory()  # missing data or tokenizer fails here, not after training
-    shard_paths("train")
     shard_paths("val")
-    torch.manual_seed(42)
+    # the loader's thread packs the first batches while the model is built and compiled
+    train_loader = make_dataloader(tokenizer, DEVICE_BATCH_SIZE, MAX_SEQ_LEN, "train", device=DEVICE_TYPE)
     torch.set_float32_matmul_precision("high")
     device = torch.device(DEVICE_TYPE)
     autocast = torch.autocast(device_type="cuda", dtype=torch.bfloat16) if DEVICE_TYPE == "cuda" else nullcontext()
-    ATTN_BACKEND, fa3, ATTN_NOTE = load_attention_backend()
+    ATTN_BACKEND, fa3, attn_note = load_attention_backend()
     gpu = torch.cuda.get_device_name() if DEVICE_TYPE == "cuda" else None
     peak_flops = next((f for name, f in GPU_PEAK_FLOPS if name in gpu), 0.0) if gpu else 0.0
 
@@ -510,6 +510,7 @@ def main():
     with torch.device("meta" if DEVICE_TYPE == "cuda" else device):
         model = GPT(config)
     model.to_empty(device=device)
+    torch.manual_seed(42)  # seeded here, so the init does not depend on how the model was built
     model.init_weights()
     counts = model.num_params()
     flops_per_token = model.estimate_flops()
@@ -520,7 +521,7 @@ def main():
         model = torch.compile(model, dynamic=False)
 
     print(f"torch {torch.__version__} | device: {DEVICE_TYPE}{f' ({gpu})' if gpu else ''} | "
-          f"precision: {'bf16 autocast' if DEVICE_TYPE == 'cuda' else 'fp32'} | attention: {ATTN_NOTE}")
+          f"precision: {'bf16 autocast' if DEVICE_TYPE == 'cuda' else 'fp32'} | attention: {attn_note}")
     print(f"model: {asdict(config)}")
     print("params: " + ", ".join(f"{k} {v:,}" for k, v in counts.items()) + f" | FLOPs/token: {flops_per_token:e}")
     print(f"batch: {TOTAL_BATCH_SIZE:,} tokens/step = {grad_accum_steps} x {DEVICE_BATCH_SIZE} x {MAX_SEQ_LEN} | "
@@ -532,7 +533,6 @@ def main():
     # -------------------------------------------------------------------------
     # Training loop
 
-    train_loader = make_dataloader(tokenizer, DEVICE_BATCH_SIZE, MAX_SEQ_LEN, "train", device=device)
     x, y, epoch = next(train_loader)
     t_loop, wait_before_loop = time.time(), train_loader.wait_seconds
     interactive = sys.stdout.isatty()

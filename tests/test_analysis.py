@@ -22,6 +22,7 @@ DATA = Path(__file__).resolve().parent / "data"
 EXAMPLE = DATA / "results_example.tsv"
 MESSY = DATA / "results_messy.tsv"
 HEADER_ONLY = DATA / "results_header_only.tsv"
+REAL_RUN = DATA / "results_real_run.tsv"  # a real CPU run of program.md's loop (see tests/make_docs_shards.py)
 HEADER = "commit\tval_bpb\tmemory_gb\tstatus\tdescription\n"
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
@@ -76,6 +77,21 @@ def test_top_hits_rank_kept_experiments_by_gain_over_the_previous_kept_one():
     assert [h["commit"] for h in hits[:3]] == ["a3b4c5d", "b8c9d0e", "b2c3d4e"]
     assert hits[0]["gain"] == pytest.approx(0.9839 - 0.9781)
     assert [h["gain"] for h in hits] == sorted((h["gain"] for h in hits), reverse=True)
+
+
+def test_real_run_is_well_formed():
+    """results_real_run.tsv comes from an actual run of the loop (Python-docs shards, 60 s budget, 2 CPU cores)."""
+    df, warnings = load_results(REAL_RUN)
+    assert warnings == []
+    assert len(df) >= 11  # the baseline and at least 10 experiments
+    assert (df.loc[0, "description"], df.loc[0, "status"]) == ("baseline", "keep") and df.loc[0, "val_bpb"] > 0
+    assert all(re.fullmatch(r"[0-9a-f]{7}", c) for c in df["commit"])
+    assert set(df["status"]) <= {"keep", "discard", "crash"}
+    assert ((df["status"] == "crash") == (df["val_bpb"] == 0)).all()
+    s = summarize(df)
+    assert s["best_val_bpb"] < s["baseline_val_bpb"] == df.loc[0, "val_bpb"]
+    kept = [k["val_bpb"] for k in s["kept"]]
+    assert kept == sorted(kept, reverse=True)  # each keep beat (or, deleting code, tied) the best before it
 
 
 def test_crash_rows_count_as_experiments_but_never_as_best_or_baseline(tmp_path):

@@ -255,8 +255,8 @@ def untrained_val_bpb(cache):
     prepare.TOKENIZER_DIR, prepare.DATA_DIR = str(cache / "tokenizer"), str(cache / "data")
     try:
         tokenizer = prepare.Tokenizer.from_directory(prepare.TOKENIZER_DIR)
-        torch.manual_seed(42)
         model = train.GPT(train.build_model_config(train.DEPTH, tokenizer.get_vocab_size()))
+        torch.manual_seed(42)  # as train.py seeds it, right before the init
         model.init_weights()
         return prepare.evaluate_bpb(model, tokenizer, train.DEVICE_BATCH_SIZE, eval_tokens=EVAL_TOKENS)
     finally:
