@@ -493,10 +493,11 @@ def main():
     # tests shorten the run with these two variables; experiments never set them
     budget = float(os.environ.get("AUTORESEARCH_TIME_BUDGET", TIME_BUDGET))
     val_tokens = int(os.environ.get("AUTORESEARCH_EVAL_TOKENS", VAL_TOKENS))
-    tokenizer = Tokenizer.from_directory()  # missing data or tokenizer fails here, not after training
-    shard_paths("val")
+    # a missing or broken tokenizer or shard fails here, before anything is built, not after training
+    tokenizer = Tokenizer.from_directory()
     # the loader's thread packs the first batches while the model is built and compiled
     train_loader = make_dataloader(tokenizer, DEVICE_BATCH_SIZE, MAX_SEQ_LEN, "train", device=DEVICE_TYPE)
+    shard_paths("val")
     torch.set_float32_matmul_precision("high")
     device = torch.device(DEVICE_TYPE)
     autocast = torch.autocast(device_type="cuda", dtype=torch.bfloat16) if DEVICE_TYPE == "cuda" else nullcontext()
