@@ -20,6 +20,7 @@ from dataclasses import asdict, dataclass
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.nn.attention.flex_attention import create_block_mask, flex_attention
 
 from prepare import EVAL_TOKENS, MAX_SEQ_LEN, TIME_BUDGET, Tokenizer, evaluate_bpb, make_dataloader, shard_paths
 
@@ -72,7 +73,6 @@ def load_attention_backend():
         reason = f"Flash Attention 3 unavailable: {type(e).__name__}"
     try:  # same masks without a T x T tensor per layer
         q = torch.randn(1, 2, 256, 128, device="cuda", dtype=torch.bfloat16)
-        from torch.nn.attention.flex_attention import flex_attention
         flex_attention(q, q, q, block_mask=make_block_mask(256, 128, "cuda"))
         return "flex", None, f"flex attention ({reason})"
     except Exception as e:
@@ -98,7 +98,6 @@ def attention(q, k, v, window, block_mask=None):
     q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (B, H, T, D)
     T, gqa = q.size(2), q.size(1) != k.size(1)
     if block_mask is not None:  # flex attention: sparse blocks, no T x T mask in memory
-        from torch.nn.attention.flex_attention import flex_attention
         y = flex_attention(q, k, v, block_mask=block_mask, enable_gqa=gqa)
     elif window >= T - 1:  # the window covers the whole sequence: plain causal
         y = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=gqa)
@@ -108,7 +107,6 @@ def attention(q, k, v, window, block_mask=None):
 
 
 def make_block_mask(T, window, device):
-    from torch.nn.attention.flex_attention import create_block_mask
     return create_block_mask(lambda b, h, q, kv: (q >= kv) & (q - kv <= window), None, None, T, T, device=device)
 
 
