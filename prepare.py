@@ -403,13 +403,13 @@ class DocumentBuffer:
 
     def pop(self, room):
         """The earliest of the largest documents of length <= room, else the earliest of the shortest."""
-        i = bisect.bisect_right(self.lengths, room) - 1
-        n = self.lengths[max(i, 0)]
+        i = max(bisect.bisect_right(self.lengths, room) - 1, 0)  # 0: nothing fits, take the shortest
+        n = self.lengths[i]
         q = self.by_length[n]
         doc = q.popleft()
         if not q:
             del self.by_length[n]
-            del self.lengths[max(i, 0)]
+            del self.lengths[i]
         self.count -= 1
         return doc
 
@@ -448,7 +448,7 @@ class DataLoader:
 
     def __init__(self, batches, B, T, device, prefetch=2):
         self.B, self.T, self.device = B, T, torch.device(device)
-        self.wait_seconds = 0.0  # time next() spent blocked on the worker (for benchmarks)
+        self.wait_seconds = 0.0  # time next() spent blocked on the worker (train.py prints it)
         self._queue = queue.Queue(maxsize=prefetch)
         self._stop = threading.Event()
         pin = self.device.type == "cuda"  # pinned host memory makes the copy asynchronous
