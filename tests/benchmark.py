@@ -37,7 +37,7 @@ import torch  # noqa: E402
 
 import prepare  # noqa: E402
 import train  # noqa: E402
-from conftest import Hub, make_shards, run_script  # noqa: E402
+from conftest import Hub, make_shards, run_script, script_env  # noqa: E402
 
 # tokens/s the reference consumes on one H100 (its summary: 499.6 M tokens in 300.1 s of training)
 REFERENCE_H100_TOKENS_PER_S = 499.6e6 / 300.1
@@ -155,10 +155,8 @@ def bench_tokenizer(tokenizer, texts):
 
 
 def bench_train_run(budget, eval_tokens, timeout):
-    # the environment of conftest.run_script: the temp cache, no network, unbuffered output
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("AUTORESEARCH_", "HF_"))}
-    env.update(AUTORESEARCH_CACHE_DIR=str(WORK / "cache"), HF_ENDPOINT="http://127.0.0.1:9", PYTHONUNBUFFERED="1",
-               AUTORESEARCH_TIME_BUDGET=str(budget), AUTORESEARCH_EVAL_TOKENS=str(eval_tokens))
+    env = script_env(WORK / "cache", extra_env={"AUTORESEARCH_TIME_BUDGET": str(budget),
+                                                "AUTORESEARCH_EVAL_TOKENS": str(eval_tokens)})
     usage0 = resource.getrusage(resource.RUSAGE_CHILDREN)
     t0 = time.perf_counter()
     proc = subprocess.Popen([sys.executable, str(ROOT / "train.py")], cwd=ROOT, env=env,

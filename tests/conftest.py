@@ -129,14 +129,20 @@ def hub(tmp_path):
     h.close()
 
 
-def run_script(script, *args, cache, endpoint=None, timeout=300, extra_env=None):
-    """Runs a top-level script (`prepare.py`, `train.py`) as a user would, with the cache in `cache`."""
+def script_env(cache, endpoint=None, extra_env=None):
+    """The environment a script runs in under test: the cache in `cache`, no network, fast retries, unbuffered."""
     env = {k: v for k, v in os.environ.items() if not k.startswith(("AUTORESEARCH_", "HF_"))}
     env["AUTORESEARCH_CACHE_DIR"] = str(cache)
     env["HF_ENDPOINT"] = endpoint or "http://127.0.0.1:9"  # closed port: nothing leaks to the internet
-    env["AUTORESEARCH_BACKOFF_S"] = env.get("AUTORESEARCH_BACKOFF_S", "0.05")
+    env["AUTORESEARCH_BACKOFF_S"] = "0.05"
     env["PYTHONUNBUFFERED"] = "1"
     env.update(extra_env or {})
+    return env
+
+
+def run_script(script, *args, cache, endpoint=None, timeout=300, extra_env=None):
+    """Runs a top-level script (`prepare.py`, `train.py`) as a user would, with the cache in `cache`."""
+    env = script_env(cache, endpoint, extra_env)
     return subprocess.run([sys.executable, str(ROOT / script), *args], cwd=ROOT, env=env, capture_output=True,
                           text=True, timeout=timeout)
 

@@ -26,7 +26,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import HUB_PATH, ROOT, VAL_SHARD, make_shards, run_script
+from conftest import HUB_PATH, ROOT, VAL_SHARD, make_shards, run_script, script_env
 
 TIMEOUT = 120  # seconds: the most any one subprocess may take before the test fails
 SHARD0, SHARD1, VAL = "shard_00000.parquet", "shard_00001.parquet", f"shard_{VAL_SHARD:05d}.parquet"
@@ -193,15 +193,6 @@ def make_hub(served):
     yield make
     for h in hubs:
         h.close()
-
-
-def script_env(cache, endpoint=None, extra_env=None):
-    """The environment run_script gives a script, for Popen."""
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("AUTORESEARCH_", "HF_"))}
-    env.update(AUTORESEARCH_CACHE_DIR=str(cache), HF_ENDPOINT=endpoint or "http://127.0.0.1:9",
-               AUTORESEARCH_BACKOFF_S="0.05", PYTHONUNBUFFERED="1")
-    env.update(extra_env or {})
-    return env
 
 
 def prepare(cache, hub, extra_env=None):

@@ -6,7 +6,6 @@ Run: uv run pytest tests/test_train.py
 """
 
 import math
-import os
 import re
 import shutil
 import signal
@@ -20,7 +19,7 @@ import torch.nn.functional as F
 
 import prepare
 import train
-from conftest import ROOT, run_script
+from conftest import ROOT, run_script, script_env
 
 # -----------------------------------------------------------------------------
 # Model
@@ -329,8 +328,7 @@ def test_out_of_memory_says_to_lower_the_device_batch_size(tmp_path):
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
 def test_kill_during_training_exits_promptly_and_non_zero(prepared_cache, tmp_path, sig):
     before = sorted(p.relative_to(prepared_cache) for p in prepared_cache.rglob("*"))
-    env = {k: v for k, v in os.environ.items() if not k.startswith("AUTORESEARCH_")}
-    env.update(AUTORESEARCH_CACHE_DIR=str(prepared_cache), PYTHONUNBUFFERED="1", AUTORESEARCH_TIME_BUDGET="600")
+    env = script_env(prepared_cache, extra_env={"AUTORESEARCH_TIME_BUDGET": "600"})
     (tmp_path / "src").mkdir()
     script = patched_train_py(tmp_path / "src", "TOTAL_BATCH_SIZE, DEVICE_BATCH_SIZE = 2**13, 4",
                               "TOTAL_BATCH_SIZE, DEVICE_BATCH_SIZE = 2**11, 1")  # faster steps, same loop
