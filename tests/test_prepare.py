@@ -224,6 +224,24 @@ def test_tokenizer_batch_encode_matches_single_encode_with_prepend(tokenizer):
     assert all(row[0] == BOS_ID for row in expected)
 
 
+@pytest.mark.parametrize("n", [1, 9, 128, 131])
+def test_encode_arrays_matches_encode_document_by_document(tokenizer, n):
+    # the packer's encoder joins each slice of documents with BOS and splits the ids again: the boundaries,
+    # whitespace at either end and empty documents must come out exactly as one encode per document
+    edges = ["", "  spaces at both ends  ", "\n\n", "", "привет 你好 🚀", "end with newline\n", "1234", " "]
+    texts = [edges[i % len(edges)] if i % 3 == 0 else doc for i, doc in enumerate(make_documents(40 + n, n))]
+    got = tokenizer.encode_arrays(texts, prepend=BOS_ID)
+    assert [a.dtype for a in got] == [np.uint32] * n
+    assert [a.tolist() for a in got] == tokenizer.encode(texts, prepend=BOS_ID)
+
+
+def test_encode_arrays_treats_special_token_text_in_a_document_as_text(tokenizer):
+    texts = ["plain", "has <|reserved_0|> inside", "<|reserved_1|>", "more"]
+    got = tokenizer.encode_arrays(texts, prepend=BOS_ID)
+    assert [a.tolist() for a in got] == tokenizer.encode(texts, prepend=BOS_ID)
+    assert BOS_ID not in got[1].tolist()[1:]
+
+
 def test_tokenizer_splits_numbers_into_groups_of_at_most_two_digits(tokenizer):
     digits = set(b"0123456789")
     learned = [tokenizer.enc.decode_single_token_bytes(i) for i in range(8188)]
