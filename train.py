@@ -14,6 +14,7 @@ import math
 import os
 import sys
 import time
+import warnings
 from contextlib import nullcontext
 from dataclasses import asdict, dataclass
 
@@ -73,7 +74,9 @@ def load_attention_backend():
         reason = f"Flash Attention 3 unavailable: {type(e).__name__}"
     try:  # same masks without a T x T tensor per layer
         q = torch.randn(1, 2, 256, 128, device="cuda", dtype=torch.bfloat16)
-        flex_attention(q, q, q, block_mask=make_block_mask(256, 128, "cuda"))
+        with warnings.catch_warnings():  # the probe runs uncompiled on purpose; the model is compiled
+            warnings.simplefilter("ignore")
+            flex_attention(q, q, q, block_mask=make_block_mask(256, 128, "cuda"))
         return "flex", None, f"flex attention ({reason})"
     except Exception as e:
         return "sdpa", None, f"PyTorch SDPA with a mask ({reason}; flex attention failed: {type(e).__name__})"
