@@ -22,6 +22,7 @@ import sys
 import tempfile
 import threading
 import time
+import warnings
 from contextlib import nullcontext
 from pathlib import Path
 
@@ -310,7 +311,9 @@ def cuda_backends(loaded):
     try:  # load_attention_backend stops at the first that works; check flex on its own
         from torch.nn.attention.flex_attention import flex_attention
         q = torch.randn(1, 2, 256, 128, device="cuda", dtype=torch.bfloat16)
-        flex_attention(q, q, q, block_mask=train.make_block_mask(256, 128, "cuda"))
+        with warnings.catch_warnings():  # uncompiled on purpose, as in train.load_attention_backend
+            warnings.simplefilter("ignore")
+            flex_attention(q, q, q, block_mask=train.make_block_mask(256, 128, "cuda"))
         out.append(("flex", None, None))
     except Exception as e:
         out.append(("flex", None, f"{type(e).__name__}: {e}"))
