@@ -14,6 +14,7 @@ Environment:
 """
 
 import argparse
+import atexit
 import bisect
 import itertools
 import math
@@ -451,6 +452,19 @@ def pack_batches(tokenizer, B, T, doc_batches, buffer_size=1000):
         yield rows, epoch
 
 
+_WORKERS = []  # (thread, stop event) of every DataLoader, stopped and joined at exit by _stop_workers
+
+
+@atexit.register
+def _stop_workers():
+    """A daemon thread still inside pyarrow's C++ when the interpreter finalizes aborts the process at exit
+    ("terminate called without an active exception", SIGABRT instead of the exit status): stop them first."""
+    for _, stop in _WORKERS:
+        stop.set()
+    for thread, _ in _WORKERS:
+        thread.join(timeout=10)
+
+
 class DataLoader:
     """Iterator of (inputs, targets, epoch), inputs and targets (B, T) int64 on `device`.
 
@@ -467,6 +481,7 @@ class DataLoader:
         self._thread = threading.Thread(target=self._work, args=(batches, B, T, pin, self._queue, self._stop),
                                         name="dataloader", daemon=True)
         self._thread.start()
+        _WORKERS[:] = [(t, stop) for t, stop in _WORKERS if t.is_alive()] + [(self._thread, self._stop)]
 
     @staticmethod
     def _work(batches, B, T, pin, q, stop):

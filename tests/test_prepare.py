@@ -11,6 +11,8 @@ import itertools
 import math
 import os
 import shutil
+import subprocess
+import sys
 import threading
 from concurrent.futures import ThreadPoolExecutor
 
@@ -22,7 +24,7 @@ import torch
 import torch.nn.functional as F
 
 import prepare
-from conftest import HUB_PATH, Hub, make_documents, make_shards, run_script, write_shard
+from conftest import HUB_PATH, ROOT, Hub, make_documents, make_shards, run_script, script_env, write_shard
 
 VOCAB_SIZE = 8192
 BOS_ID = 8188  # <|reserved_0|>, the first special token after the 8188 learned ones
@@ -367,6 +369,27 @@ def test_dropping_a_dataloader_stops_its_thread():
     gc.collect()
     thread.join(timeout=5)
     assert not thread.is_alive()
+
+
+def test_no_dataloader_thread_is_left_running_when_the_interpreter_exits(prepared_cache):
+    # a daemon thread inside pyarrow when Python finalizes aborts the process (exit -6, seen in CI when
+    # train.py stopped on a missing validation shard with its training loader running): prepare.py joins them
+    # at exit. This atexit hook is registered before prepare's, so it runs after it.
+    script = (
+        "import atexit, sys, threading\n"
+        "atexit.register(lambda: print('alive at exit:', [t.name for t in threading.enumerate()"
+        " if t.name == 'dataloader' and t.is_alive()]))\n"
+        f"sys.path.insert(0, {str(ROOT)!r})\n"
+        "import prepare\n"
+        "loader = prepare.make_dataloader(prepare.Tokenizer.from_directory(), 4, 64, 'train', device='cpu')\n"
+        "next(loader)\n"
+        "raise SystemExit('error: stopping with the loader running')\n"
+    )
+    result = subprocess.run([sys.executable, "-c", script], env=script_env(prepared_cache), capture_output=True,
+                            text=True, timeout=120)
+    assert result.returncode == 1, result.stdout + result.stderr
+    assert "alive at exit: []" in result.stdout, result.stdout + result.stderr
+    assert result.stderr.strip() == "error: stopping with the loader running"
 
 
 def test_an_error_in_the_producer_is_raised_by_next_with_its_message():
