@@ -116,6 +116,13 @@ def shard_paths(split):
             raise DataError(f"{p} is {problem}. Delete it and re-run `uv run prepare.py`.")
     return paths
 
+
+def _row_group_texts(path):
+    """The documents of a shard, one list per parquet row group (one row group in memory at a time)."""
+    pf = pq.ParquetFile(path)
+    for rg in range(pf.num_row_groups):
+        yield pf.read_row_group(rg, columns=["text"]).column("text").to_pylist()
+
 # -----------------------------------------------------------------------------
 # Download
 
@@ -233,9 +240,8 @@ def _tokenizer_texts():
     """BPE training text: training shards only, in file and row-group order, documents cut to 10k characters."""
     nchars = 0
     for path in shard_paths("train"):
-        pf = pq.ParquetFile(path)
-        for rg in range(pf.num_row_groups):
-            for text in pf.read_row_group(rg, columns=["text"]).column("text").to_pylist():
+        for texts in _row_group_texts(path):
+            for text in texts:
                 doc = text[:TOKENIZER_DOC_CHARS]
                 nchars += len(doc)
                 yield doc
@@ -381,9 +387,7 @@ def _document_batches(paths, batch_size=128):
     for epoch in itertools.count(1):
         for path in paths:
             try:
-                pf = pq.ParquetFile(path)
-                for rg in range(pf.num_row_groups):
-                    texts = pf.read_row_group(rg, columns=["text"]).column("text").to_pylist()
+                for texts in _row_group_texts(path):
                     for i in range(0, len(texts), batch_size):
                         yield texts[i:i + batch_size], epoch
             except DataError:
