@@ -73,13 +73,18 @@ def load_attention_backend():
     except Exception as e:
         reason = f"Flash Attention 3 unavailable: {type(e).__name__}"
     try:  # same masks without a T x T tensor per layer
-        q = torch.randn(1, 2, 256, 128, device="cuda", dtype=torch.bfloat16)
-        with warnings.catch_warnings():  # the probe runs uncompiled on purpose; the model is compiled
-            warnings.simplefilter("ignore")
-            flex_attention(q, q, q, block_mask=make_block_mask(256, 128, "cuda"))
+        check_flex_attention()
         return "flex", None, f"flex attention ({reason})"
     except Exception as e:
         return "sdpa", None, f"PyTorch SDPA with a mask ({reason}; flex attention failed: {type(e).__name__})"
+
+
+def check_flex_attention():
+    """Raises if flex attention with a sliding-window block mask cannot run on this GPU."""
+    q = torch.randn(1, 2, 256, 128, device="cuda", dtype=torch.bfloat16)
+    with warnings.catch_warnings():  # the probe runs uncompiled on purpose; the model is compiled
+        warnings.simplefilter("ignore")
+        flex_attention(q, q, q, block_mask=make_block_mask(256, 128, "cuda"))
 
 
 ATTN_BACKEND, fa3 = None, None  # set by main() before the model is built

@@ -22,7 +22,6 @@ import sys
 import tempfile
 import threading
 import time
-import warnings
 from contextlib import nullcontext
 from pathlib import Path
 
@@ -38,7 +37,8 @@ import torch  # noqa: E402
 
 import prepare  # noqa: E402
 import train  # noqa: E402
-from conftest import Hub, make_shards, run_script, script_env  # noqa: E402
+from conftest import (Hub, build_compiled, build_model, make_optimizer, make_shards, optimizer_step,  # noqa: E402
+                      run_script, script_env)
 
 # tokens/s the reference consumes on one H100 (its summary: 499.6 M tokens in 300.1 s of training)
 REFERENCE_H100_TOKENS_PER_S = 499.6e6 / 300.1
@@ -217,15 +217,6 @@ class WaitLog(prepare.DataLoader):
             self.waits.append(self.wait_seconds - before)
 
 
-def build_model(depth, vocab):
-    torch.manual_seed(42)
-    with torch.device("meta"):
-        model = train.GPT(train.build_model_config(depth, vocab))
-    model.to_empty(device=on_device())
-    model.init_weights()
-    return model
-
-
 def bench_eval(model, tokenizer, eval_tokens):
     """evaluate_bpb as train.py calls it; the loader it makes is captured to read its waits."""
     loaders, original = [], prepare.make_dataloader
@@ -254,12 +245,6 @@ def bench_eval(model, tokenizer, eval_tokens):
                 wait=sum(waits), first_wait=waits[0], later_wait=sum(waits[1:]))
 
 
-def make_optimizer(model):
-    return model.setup_optimizer(unembedding_lr=train.UNEMBEDDING_LR, embedding_lr=train.EMBEDDING_LR,
-                                 matrix_lr=train.MATRIX_LR, weight_decay=train.WEIGHT_DECAY,
-                                 adam_betas=train.ADAM_BETAS, scalar_lr=train.SCALAR_LR)
-
-
 def bench_steps(depths, vocab, B, T, warmup, steps):
     """Seconds of one forward + backward + optimizer step (eager) per depth, the best of `steps` after `warmup`.
     The depths take turns step by step, so a burst of background load hits them all alike; the best of a few
@@ -278,12 +263,7 @@ def bench_steps(depths, vocab, B, T, warmup, steps):
     def step(model, optimizer):
         train.sync()
         t0 = time.perf_counter()
-        with autocast():
-            loss = model(x, y)
-        loss.backward()
-        optimizer.step()
-        model.zero_grad(set_to_none=True)
-        loss.item()
+        optimizer_step(model, optimizer, model, x, y, accum=1)
         train.sync()
         return time.perf_counter() - t0
 
@@ -309,11 +289,7 @@ def cuda_backends(loaded):
     best, fa3, note = loaded  # train.load_attention_backend()
     out = [("fa3", fa3, None) if best == "fa3" else ("fa3", None, f"train.load_attention_backend chose {note}")]
     try:  # load_attention_backend stops at the first that works; check flex on its own
-        from torch.nn.attention.flex_attention import flex_attention
-        q = torch.randn(1, 2, 256, 128, device="cuda", dtype=torch.bfloat16)
-        with warnings.catch_warnings():  # uncompiled on purpose, as in train.load_attention_backend
-            warnings.simplefilter("ignore")
-            flex_attention(q, q, q, block_mask=train.make_block_mask(256, 128, "cuda"))
+        train.check_flex_attention()
         out.append(("flex", None, None))
     except Exception as e:
         out.append(("flex", None, f"{type(e).__name__}: {e}"))
@@ -322,39 +298,22 @@ def cuda_backends(loaded):
 
 
 def bench_cuda_backend(name, fa3, vocab, warmup, steps):
-    from torch import _dynamo
-    _dynamo.reset()
-    gc.collect()
-    torch.cuda.empty_cache()
-    train.ATTN_BACKEND, train.fa3 = name, fa3  # read by attention() and init_weights() (flex block masks)
-    model = build_model(train.DEPTH, vocab)
-    optimizer = make_optimizer(model)
+    model, optimizer, compiled = build_compiled(name, fa3, vocab)
     flops_per_token = model.estimate_flops()
-    compiled = torch.compile(model, dynamic=False)
     B, T = train.DEVICE_BATCH_SIZE, prepare.MAX_SEQ_LEN
     accum = train.TOTAL_BATCH_SIZE // (B * T)
     x = torch.randint(0, vocab, (B, T), device=on_device())
     y = torch.randint(0, vocab, (B, T), device=on_device())
     torch.cuda.reset_peak_memory_stats()
-
-    def step():  # one optimizer step of train.py's loop: accum micro-batches, then the loss read on the host
-        for _ in range(accum):
-            with autocast():
-                loss = compiled(x, y)
-            (loss / accum).backward()
-        optimizer.step()
-        model.zero_grad(set_to_none=True)
-        return loss.item()
-
     try:
         t0 = time.perf_counter()
         for _ in range(warmup):
-            step()
+            optimizer_step(model, optimizer, compiled, x, y, accum)
         torch.cuda.synchronize()
         warmup_s = time.perf_counter() - t0
         t0 = time.perf_counter()
         for _ in range(steps):
-            step()
+            optimizer_step(model, optimizer, compiled, x, y, accum)
         torch.cuda.synchronize()
         step_s = (time.perf_counter() - t0) / steps
         gpu = torch.cuda.get_device_name()

@@ -6,17 +6,20 @@ Run: uv run pytest
 """
 
 import functools
+import gc
 import http.server
 import os
 import random
 import subprocess
 import sys
 import threading
+from contextlib import nullcontext
 from pathlib import Path
 
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 HUB_PATH = "datasets/karpathy/climbmix-400b-shuffle/resolve/main"  # under HF_ENDPOINT, as on the hub
@@ -159,3 +162,51 @@ def prepared_cache(tmp_path_factory):
         h.close()
     assert result.returncode == 0, result.stdout + result.stderr
     return root / "cache"
+
+# -----------------------------------------------------------------------------
+# train.py's model, optimizer and step as train.main runs them, for the benchmarks (tests build small ones)
+
+
+def build_model(depth, vocab):
+    """train.py's GPT on its device, built as train.main builds it: shapes on the meta device, then memory, then
+    the init under seed 42."""
+    import train  # not at the top: it imports prepare, which reads AUTORESEARCH_CACHE_DIR once, when imported
+    with torch.device("meta"):
+        model = train.GPT(train.build_model_config(depth, vocab))
+    model.to_empty(device=train.DEVICE_TYPE)
+    torch.manual_seed(42)
+    model.init_weights()
+    return model
+
+
+def make_optimizer(model):
+    import train
+    return model.setup_optimizer(unembedding_lr=train.UNEMBEDDING_LR, embedding_lr=train.EMBEDDING_LR,
+                                 matrix_lr=train.MATRIX_LR, weight_decay=train.WEIGHT_DECAY,
+                                 adam_betas=train.ADAM_BETAS, scalar_lr=train.SCALAR_LR)
+
+
+def build_compiled(backend, fa3, vocab):
+    """(model, optimizer, compiled model) at train.py's default size with the attention `backend`, after
+    clearing what an earlier build left compiled or allocated."""
+    import train
+    from torch import _dynamo
+    _dynamo.reset()
+    gc.collect()
+    torch.cuda.empty_cache()
+    train.ATTN_BACKEND, train.fa3 = backend, fa3  # read by attention() and init_weights() (flex block masks)
+    model = build_model(train.DEPTH, vocab)
+    return model, make_optimizer(model), torch.compile(model, dynamic=False)
+
+
+def optimizer_step(model, optimizer, forward, x, y, accum):
+    """One optimizer step of train.py's loop: `accum` micro-batches through `forward` (the model or it compiled),
+    the optimizer, then the loss read on the host."""
+    import train
+    for _ in range(accum):
+        with torch.autocast("cuda", dtype=torch.bfloat16) if train.DEVICE_TYPE == "cuda" else nullcontext():
+            loss = forward(x, y)
+        (loss / accum).backward()
+    optimizer.step()
+    model.zero_grad(set_to_none=True)
+    return loss.item()

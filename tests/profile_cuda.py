@@ -9,7 +9,6 @@ B. train.py's step at the default configuration, compiled, with flex attention: 
    kernels that take the most GPU time; then the same step with SDPA for the full-context layers.
 The README's H100 notes quote its output. Not a test: pytest does not collect it.
 """
-import gc
 import sys
 import time
 import traceback
@@ -25,8 +24,10 @@ from torch.nn.attention import SDPBackend, sdpa_kernel  # noqa: E402
 from torch.nn.attention.flex_attention import flex_attention  # noqa: E402
 from triton.testing import do_bench  # noqa: E402
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+TESTS = Path(__file__).resolve().parent
+sys.path[:0] = [str(TESTS.parent), str(TESTS)]
 import train  # noqa: E402
+from conftest import build_compiled, optimizer_step  # noqa: E402
 
 torch.set_float32_matmul_precision("high")
 B, T, H, D = 128, 2048, 4, 128  # the default model's attention: 128 sequences, 4 heads of 128 channels
@@ -65,50 +66,22 @@ def sdpa_causal(backend):
     return fn
 
 
-def build(backend):
-    from torch import _dynamo
-    _dynamo.reset()
-    gc.collect()
-    torch.cuda.empty_cache()
-    torch.cuda.reset_peak_memory_stats()
-    train.ATTN_BACKEND = backend  # read by attention() and init_weights() (flex block masks)
-    with torch.device("meta"):
-        model = train.GPT(train.build_model_config(train.DEPTH, VOCAB))
-    model.to_empty(device="cuda")
-    torch.manual_seed(42)
-    model.init_weights()
-    optimizer = model.setup_optimizer(unembedding_lr=train.UNEMBEDDING_LR, embedding_lr=train.EMBEDDING_LR,
-                                      matrix_lr=train.MATRIX_LR, weight_decay=train.WEIGHT_DECAY,
-                                      adam_betas=train.ADAM_BETAS, scalar_lr=train.SCALAR_LR)
-    return model, optimizer, torch.compile(model, dynamic=False)
-
-
-def step(model, optimizer, compiled, x, y):
-    """One optimizer step of train.py's loop: the micro-batches, the optimizer, the loss read on the host."""
-    accum = train.TOTAL_BATCH_SIZE // (B * T)
-    for _ in range(accum):
-        with torch.autocast("cuda", dtype=torch.bfloat16):
-            loss = compiled(x, y)
-        (loss / accum).backward()
-    optimizer.step()
-    model.zero_grad(set_to_none=True)
-    return loss.item()
-
-
 def bench_step(label, backend, profile=False):
-    model, optimizer, compiled = build(backend)
+    model, optimizer, compiled = build_compiled(backend, None, VOCAB)
+    torch.cuda.reset_peak_memory_stats()
+    accum = train.TOTAL_BATCH_SIZE // (B * T)
     x = torch.randint(0, VOCAB, (B, T), device="cuda")
     y = torch.randint(0, VOCAB, (B, T), device="cuda")
     t0 = time.time()
     for _ in range(3):  # compilation and warm-up
-        step(model, optimizer, compiled, x, y)
+        optimizer_step(model, optimizer, compiled, x, y, accum)
     torch.cuda.synchronize()
     warm = time.time() - t0
     times = []
     for _ in range(12):
         torch.cuda.synchronize()
         t0 = time.perf_counter()
-        step(model, optimizer, compiled, x, y)
+        optimizer_step(model, optimizer, compiled, x, y, accum)
         torch.cuda.synchronize()
         times.append(time.perf_counter() - t0)
     times.sort()
@@ -121,7 +94,7 @@ def bench_step(label, backend, profile=False):
         from torch.profiler import ProfilerActivity, profile as torch_profile
         with torch_profile(activities=[ProfilerActivity.CUDA]) as prof:
             for _ in range(2):
-                step(model, optimizer, compiled, x, y)
+                optimizer_step(model, optimizer, compiled, x, y, accum)
             torch.cuda.synchronize()
         kernels = sorted([e for e in prof.key_averages() if getattr(e, "self_device_time_total", 0) > 0],
                          key=lambda e: -e.self_device_time_total)
