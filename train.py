@@ -10,6 +10,7 @@ nothing (tests import GPT and MuonAdamW from it).
 
 import functools
 import gc
+import hashlib
 import math
 import os
 import sys
@@ -417,6 +418,8 @@ WARMUP_RATIO = 0.0         # fraction of the budget with linear lr warm-up
 WARMDOWN_RATIO = 0.5       # fraction of the budget at the end with linear lr decay
 FINAL_LR_FRAC = 0.0        # lr multiplier at the very end
 VAL_TOKENS = EVAL_TOKENS   # validation tokens scored at the end (prepare's fixed 20,971,520 on CUDA)
+SEED = 42                  # the initial weights; the protocol reruns a commit under other seeds through the
+                           # environment (AUTORESEARCH_SEED), so never edit it to chase a score
 
 # Small machines (Apple MPS, CPU): one default step would take minutes there, so a small model and batch and a
 # shorter evaluation keep `uv run train.py` working end to end. CUDA runs the numbers above unchanged.
@@ -478,6 +481,16 @@ def sync():
         torch.mps.synchronize()
 
 
+def init_fingerprint(model):
+    """12 hex digits of the initial weights. Runs that share it start from the same point, so their val_bpb
+    differs by the small same-seed noise, not by the larger seed-to-seed noise."""
+    h = hashlib.blake2b(digest_size=6)
+    for name, p in model.named_parameters():
+        h.update(name.encode())
+        h.update(p.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy())
+    return h.hexdigest()
+
+
 def lr_multiplier(progress):
     if progress < WARMUP_RATIO:
         return progress / WARMUP_RATIO
@@ -499,6 +512,10 @@ def main():
     # tests shorten the run with these two variables; experiments never set them
     budget = float(os.environ.get("AUTORESEARCH_TIME_BUDGET", TIME_BUDGET))
     val_tokens = int(os.environ.get("AUTORESEARCH_EVAL_TOKENS", VAL_TOKENS))
+    seed = os.environ.get("AUTORESEARCH_SEED", str(SEED))  # the protocol's reruns; the only source of randomness
+    if not seed.lstrip("-").isdigit():
+        raise SystemExit(f"error: AUTORESEARCH_SEED={seed!r} must be an integer (unset it to use SEED = {SEED})")
+    seed = int(seed)
     # a missing or broken tokenizer or shard fails here, before anything is built, not after training
     tokenizer = Tokenizer.from_directory()
     # the loader's thread packs the first batches while the model is built and compiled
@@ -517,8 +534,9 @@ def main():
     with torch.device("meta" if DEVICE_TYPE == "cuda" else device):
         model = GPT(config)
     model.to_empty(device=device)
-    torch.manual_seed(42)  # seeded here, so the init does not depend on how the model was built
+    torch.manual_seed(seed)  # seeded here, so the init does not depend on how the model was built
     model.init_weights()
+    fingerprint = init_fingerprint(model)
     counts = model.num_params()
     flops_per_token = model.estimate_flops()
     grad_accum_steps = TOTAL_BATCH_SIZE // (DEVICE_BATCH_SIZE * MAX_SEQ_LEN)
@@ -527,7 +545,7 @@ def main():
     if DEVICE_TYPE == "cuda":
         model = torch.compile(model, dynamic=False)
 
-    print(f"torch {torch.__version__} | device: {DEVICE_TYPE}{f' ({gpu})' if gpu else ''} | "
+    print(f"torch {torch.__version__} | device: {DEVICE_TYPE}{f' ({gpu})' if gpu else ''} | seed: {seed} | "
           f"precision: {'bf16 autocast' if DEVICE_TYPE == 'cuda' else 'fp32'} | attention: {attn_note}")
     print(f"model: {asdict(config)}")
     print("params: " + ", ".join(f"{k} {v:,}" for k, v in counts.items()) + f" | FLOPs/token: {flops_per_token:e}")
@@ -614,6 +632,11 @@ def main():
     print(f"num_steps:        {step}")
     print(f"num_params_M:     {counts['total'] / 1e6:.1f}")
     print(f"depth:            {DEPTH}")
+    # the conditions of the run, after the reference's nine keys: analysis.py compares only like with like
+    print(f"seed:             {seed}")
+    print(f"attention:        {ATTN_BACKEND}")
+    print(f"device:           {gpu or DEVICE_TYPE}")
+    print(f"init_fingerprint: {fingerprint}")
 
 
 if __name__ == "__main__":

@@ -27,6 +27,7 @@ HEADER = "commit\tval_bpb\tmemory_gb\tstatus\tdescription\n"
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
 sys.path.insert(0, str(ROOT))
+import analysis  # noqa: E402
 from analysis import check_integrity, format_report, load_results, plot_progress, summarize  # noqa: E402
 
 
@@ -68,7 +69,8 @@ def test_summary_of_example():
     assert [k["commit"] for k in s["kept"]] == ["a1b2c3d", "b2c3d4e", "f6a7b8c", "b8c9d0e", "e1f2a3b", "a3b4c5d",
                                                 "c5d6e7f"]
     assert s["kept"][0] == {"experiment": 0, "commit": "a1b2c3d", "val_bpb": 0.9979, "memory_gb": 44.0,
-                            "description": "baseline"}
+                            "runs": 1, "seeds": [], "description": "baseline"}
+    assert s["noise"]["floor"] is None  # five columns: no seeds, so no noise measured
 
 
 def test_top_hits_rank_kept_experiments_by_gain_over_the_previous_kept_one():
@@ -177,7 +179,8 @@ def test_missing_file_raises_with_the_path(tmp_path):
 def test_cli_text_report_of_example():
     r = run_cli("--tsv", EXAMPLE)
     assert r.returncode == 0
-    assert "15 experiments: 7 keep, 6 discard, 2 crash (keep rate 46.7%)" in r.stdout
+    assert "15 experiments (15 runs): 7 keep, 6 discard, 2 crash (keep rate 46.7%)" in r.stdout
+    assert "noise floor:      not measured" in r.stdout
     assert "best val_bpb:     0.977600" in r.stdout and "improvement:      0.020300 (2.03%)" in r.stdout
     assert "integrity:" in r.stdout
 
@@ -216,11 +219,15 @@ def test_cli_json_shape():
     r = run_cli("--tsv", MESSY, "--json")
     assert r.returncode == 0
     out = json.loads(r.stdout)
-    assert {"n_experiments", "counts", "keep_rate", "baseline_val_bpb", "best_val_bpb", "improvement_abs",
-            "improvement_pct", "kept", "top_hits", "warnings", "integrity"} <= set(out)
+    assert {"n_experiments", "n_runs", "counts", "keep_rate", "noise", "baseline_val_bpb", "best_val_bpb",
+            "improvement_abs", "improvement_pct", "improvement_floors", "kept", "top_hits", "warnings",
+            "integrity"} <= set(out)
     assert out["n_experiments"] == 6 and out["counts"]["crash"] == 2
-    assert set(out["kept"][0]) == {"experiment", "commit", "val_bpb", "memory_gb", "description"}
-    assert set(out["top_hits"][0]) == {"experiment", "commit", "val_bpb", "memory_gb", "description", "gain"}
+    assert set(out["kept"][0]) == {"experiment", "commit", "val_bpb", "memory_gb", "runs", "seeds", "description"}
+    assert set(out["top_hits"][0]) == {"experiment", "commit", "val_bpb", "memory_gb", "runs", "seeds", "description",
+                                       "gain", "same_init", "gain_floors", "within_noise"}
+    assert set(out["noise"]) == {"floor", "sigma", "dof", "floor_same", "dof_same", "floor_paired", "dof_paired",
+                                 "device", "attention"}
     assert len(out["warnings"]) == 5
     assert set(out["integrity"]) == {"checked", "problems", "notes", "message"}
 
@@ -359,16 +366,25 @@ def bash_blocks():
 
 def test_program_md_has_the_loop_commands_in_bash_blocks():
     commands = "\n".join(bash_blocks())
-    for command in ["git checkout -b autoresearch/<tag>", "uv run train.py > run.log 2>&1",
+    for command in ["git checkout -b autoresearch/<tag>", "timeout 600 uv run train.py > run.log 2>&1",
+                    "AUTORESEARCH_SEED=<seed> timeout 600 uv run train.py > run.log 2>&1",
                     'grep "^val_bpb:\\|^peak_vram_mb:" run.log', "tail -n 50 run.log", "git reset --hard HEAD~1",
-                    "printf 'commit\\tval_bpb\\tmemory_gb\\tstatus\\tdescription\\n' > results.tsv",
+                    "printf 'commit\\tval_bpb\\tmemory_gb\\tstatus\\tdescription\\tseed\\tnum_steps\\tattention"
+                    "\\tdevice\\tinit_fingerprint\\tverdict\\n' > results.tsv",
+                    'uv run analysis.py record --description "<description>"', "uv run analysis.py mark --status discard",
                     "uv run analysis.py"]:
         assert command in commands, command
     placeholders = set(re.findall(r"<[a-z_]+>", commands))
-    assert placeholders == {"<tag>", "<description>"}, placeholders
+    assert placeholders == {"<tag>", "<description>", "<seed>"}, placeholders
 
 
 SUMMARY = "---\nval_bpb:          {bpb}\ntraining_seconds: 300.1\npeak_vram_mb:     45060.2\nnum_steps:        953\n"
+
+
+def record_cli(repo, log, description, *args):
+    (repo / "run.log").write_text(log)
+    return subprocess.run([sys.executable, str(ROOT / "analysis.py"), "record", "--description", description, *args],
+                          cwd=repo, capture_output=True, text=True, timeout=60)
 
 
 @pytest.mark.parametrize("log, expected", ids=["better", "worse", "equal", "crash"], argvalues=[
@@ -378,8 +394,9 @@ SUMMARY = "---\nval_bpb:          {bpb}\ntraining_seconds: 300.1\npeak_vram_mb: 
     ("step 00012 (4.0%) | loss 9.1\nTraceback (most recent call last):\nRuntimeError: CUDA out of memory\n",
      "0.000000\t0.0\tcrash"),
 ])
-def test_program_md_record_block_appends_the_right_row(tmp_path, log, expected):
-    block = next(b for b in bash_blocks() if ">> results.tsv" in b).replace("<description>", "try, this")
+def test_plain_rule_gives_the_reference_verdicts_on_a_five_column_file(tmp_path, log, expected):
+    """The reference's protocol, one setting away: a reference results.tsv (five columns, logs without the
+    condition keys) gets the verdicts the old hand-copied block gave, and the file stays readable."""
     repo = tmp_path / "repo"
     repo.mkdir()
     git(repo, "init", "-q")
@@ -387,19 +404,25 @@ def test_program_md_record_block_appends_the_right_row(tmp_path, log, expected):
     write_tsv(repo / "results.tsv", "aaaaaaa\t0.997900\t44.0\tkeep\tbaseline", "bbbbbbb\t0.993200\t44.2\tkeep\tlr",
               "ccccccc\t0.980000\t44.0\tdiscard\tdiscards do not count", "ddddddd\t0.000000\t0.0\tcrash\toom")
     (repo / "run.log").write_text(log)
-    r = subprocess.run(["bash", "-c", block], cwd=repo, capture_output=True, text=True, timeout=30)
+    r = subprocess.run([sys.executable, str(ROOT / "analysis.py"), "record", "--description", "try, this"], cwd=repo,
+                       capture_output=True, text=True, timeout=60, env={**os.environ, "AUTORESEARCH_RULE": "plain"})
     assert r.returncode == 0, r.stderr
-    assert r.stdout.strip() == expected.split("\t")[-1]
-    assert (repo / "results.tsv").read_text().splitlines()[-1] == f"{head}\t{expected}\ttry, this"
+    assert r.stdout.split(":")[0] == expected.split("\t")[-1]
+    lines = (repo / "results.tsv").read_text().splitlines()
+    assert lines[0].split("\t") == analysis.HEADER  # the header gains the condition columns
+    assert lines[1:5] == ["aaaaaaa\t0.997900\t44.0\tkeep\tbaseline", "bbbbbbb\t0.993200\t44.2\tkeep\tlr",
+                          "ccccccc\t0.980000\t44.0\tdiscard\tdiscards do not count",
+                          "ddddddd\t0.000000\t0.0\tcrash\toom"]  # old rows untouched
+    assert lines[-1].split("\t")[:5] == [head, *expected.split("\t"), "try, this"]
     assert load_results(repo / "results.tsv")[1] == []
 
 
-def test_program_md_record_block_keeps_the_baseline(tmp_path):
-    block = next(b for b in bash_blocks() if ">> results.tsv" in b).replace("<description>", "baseline")
+@pytest.mark.parametrize("rule, verdict", [("plain", "keep: baseline"), ("noise", "rerun with seed 43")])
+def test_the_baseline_is_kept_and_under_the_noise_rule_asks_for_its_seeds(tmp_path, rule, verdict):
     write_tsv(tmp_path / "results.tsv")
-    (tmp_path / "run.log").write_text(SUMMARY.format(bpb="0.997900"))
     git(tmp_path, "init", "-q")
     head = commit(tmp_path, "x", train_py="LR = 1\n")
-    r = subprocess.run(["bash", "-c", block], cwd=tmp_path, capture_output=True, text=True, timeout=30)
-    assert r.stdout.strip() == "keep"
-    assert (tmp_path / "results.tsv").read_text() == HEADER + f"{head}\t0.997900\t44.0\tkeep\tbaseline\n"
+    r = record_cli(tmp_path, SUMMARY.format(bpb="0.997900"), "baseline", "--rule", rule)
+    assert r.returncode == 0 and r.stdout.startswith(verdict), r.stdout + r.stderr
+    assert (tmp_path / "results.tsv").read_text() == "\t".join(analysis.HEADER) + "\n" + \
+        f"{head}\t0.997900\t44.0\tkeep\tbaseline\t\t953\t\t\t\t{'keep' if rule == 'plain' else 'rerun'}\n"

@@ -244,7 +244,9 @@ SUMMARY = [
     ("val_bpb", r"\d+\.\d{6}"), ("training_seconds", r"\d+\.\d"), ("total_seconds", r"\d+\.\d"),
     ("peak_vram_mb", r"\d+\.\d"), ("mfu_percent", r"\d+\.\d{2}"), ("total_tokens_M", r"\d+\.\d"),
     ("num_steps", r"\d+"), ("num_params_M", r"\d+\.\d"), ("depth", r"\d+"),
-]
+]  # the reference's nine keys, in its order; then the run's conditions (analysis.py compares only like with like)
+CONDITIONS = [("seed", r"-?\d+"), ("attention", r"(?:fa3|flex|sdpa)"), ("device", r".+"),
+              ("init_fingerprint", r"[0-9a-f]{12}")]
 EVAL_TOKENS = 4 * 2 * 2048  # two batches of the small-machine DEVICE_BATCH_SIZE
 
 
@@ -270,16 +272,76 @@ def test_train_py_end_to_end_prints_the_summary_block_and_learns(prepared_cache)
     out = result.stdout
     assert "attention:" in out and "time budget: 4s" in out
     block = out[out.index("\n---\n") + 5:].strip().splitlines()
-    assert len(block) == len(SUMMARY), block
-    for line, (key, number) in zip(block, SUMMARY):
-        assert re.fullmatch(rf"{key}:\s+{number}", line), line
+    assert len(block) == len(SUMMARY) + len(CONDITIONS), block
+    for line, (key, value) in zip(block, SUMMARY + CONDITIONS):
+        assert re.fullmatch(rf"{key}:\s+{value}", line), line
         assert line.index(line.split()[1]) == 18  # values aligned in one column, as the agent's grep expects
-    values = {line.split(":")[0]: float(line.split()[1]) for line in block}
+    assert block[-4:-1] == ["seed:             42", "attention:        sdpa", f"device:           {train.DEVICE_TYPE}"]
+    values = {line.split(":")[0]: float(line.split()[1]) for line in block[:len(SUMMARY)]}
     assert values["num_steps"] > 11 and values["training_seconds"] >= 4.0
     assert values["depth"] == train.DEPTH and values["num_params_M"] == 3.5
     assert values["val_bpb"] < untrained_val_bpb(prepared_cache) - 0.3
     step_lines = [l for l in out.splitlines() if l.startswith("step ")]
     assert step_lines and "\r" not in out  # redirected output: whole lines, no carriage returns
+
+
+def build_like_main(seed, vocab=8192):
+    """The initial model as train.main builds it off CUDA: in place, then seeded, then initialised."""
+    model = train.GPT(train.build_model_config(train.DEPTH, vocab))
+    torch.manual_seed(seed)
+    model.init_weights()
+    return model
+
+
+def test_init_fingerprint_names_the_initial_weights():
+    a, b, c = build_like_main(42), build_like_main(42), build_like_main(43)
+    assert train.init_fingerprint(a) == train.init_fingerprint(b) != train.init_fingerprint(c)
+    assert re.fullmatch(r"[0-9a-f]{12}", train.init_fingerprint(a))
+    with torch.no_grad():
+        b.lm_head.weight[0, 0] += 1e-3  # one weight of 3.5 million
+    assert train.init_fingerprint(a) != train.init_fingerprint(b)
+
+
+def test_the_data_does_not_depend_on_the_seed(prepared_cache):
+    """The seed decides the initial weights only: the batches come in the same order under any seed."""
+    saved = prepare.TOKENIZER_DIR, prepare.DATA_DIR
+    prepare.TOKENIZER_DIR, prepare.DATA_DIR = str(prepared_cache / "tokenizer"), str(prepared_cache / "data")
+    try:
+        tokenizer = prepare.Tokenizer.from_directory()
+        batches = []
+        for seed in (42, 43):
+            torch.manual_seed(seed)
+            loader = prepare.make_dataloader(tokenizer, 2, 256, "train", device="cpu")
+            batches.append([next(loader)[0] for _ in range(3)])
+            loader.close()
+    finally:
+        prepare.TOKENIZER_DIR, prepare.DATA_DIR = saved
+    assert all(torch.equal(x, y) for x, y in zip(*batches))
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the CUDA defaults are too big for a test run")
+def test_the_seed_override_changes_the_initial_weights_and_nothing_else(prepared_cache):
+    """AUTORESEARCH_SEED (the protocol's reruns) reaches torch.manual_seed before the init: the run prints it, its
+    fingerprint is the one of the model seeded with it, and every setting line is the same as under SEED."""
+    env = {"AUTORESEARCH_TIME_BUDGET": "0.01", "AUTORESEARCH_EVAL_TOKENS": str(EVAL_TOKENS)}
+    runs = {seed: run_script("train.py", cache=prepared_cache, timeout=300,
+                             extra_env=dict(env, AUTORESEARCH_SEED=str(seed)) if seed != train.SEED else env)
+            for seed in (train.SEED, 43)}
+    lines = {}
+    for seed, r in runs.items():
+        assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+        summary = dict(re.findall(r"^(\w+):\s+(.+)$", r.stdout[r.stdout.index("\n---\n"):], re.M))
+        assert summary["seed"] == str(seed) and f"| seed: {seed} |" in r.stdout
+        vocab = prepare.Tokenizer.from_directory(str(prepared_cache / "tokenizer")).get_vocab_size()
+        assert summary["init_fingerprint"] == train.init_fingerprint(build_like_main(seed, vocab))
+        lines[seed] = [l for l in r.stdout.splitlines() if l.startswith(("model:", "params:", "batch:"))]
+    assert len(lines[43]) == 3 and lines[43] == lines[train.SEED]
+
+
+def test_a_bad_seed_override_is_one_error_line(prepared_cache):
+    r = run_script("train.py", cache=prepared_cache, timeout=120, extra_env={"AUTORESEARCH_SEED": "forty-two"})
+    assert r.returncode == 1 and r.stdout == ""
+    assert r.stderr == "error: AUTORESEARCH_SEED='forty-two' must be an integer (unset it to use SEED = 42)\n"
 
 
 def patched_train_py(tmp_path, old, new):
