@@ -5,12 +5,16 @@ Usage:
     uv run prepare.py                     # 10 training shards + the validation shard, then the tokenizer
     uv run prepare.py --num-shards 100    # more training data (-1 = all 6542 training shards)
 
+On a CUDA machine it also fetches the Flash Attention 3 kernel for this GPU into the local kernel cache, where
+train.py finds it without the network.
+
 This file is the ground truth of every experiment: the constants, the tokenizer, the
 dataloader and evaluate_bpb. The agent never edits it, and it never imports train.py.
 
 Environment:
     AUTORESEARCH_CACHE_DIR   cache root (default ~/.cache/autoresearch), with data/ and tokenizer/ under it
     HF_ENDPOINT              Hugging Face host or mirror (default https://huggingface.co)
+    KERNELS_CACHE, HF_HOME   where the `kernels` package caches kernels (default ~/.cache/huggingface/hub)
 """
 
 import argparse
@@ -582,6 +586,44 @@ def evaluate_bpb(model, tokenizer, batch_size, eval_tokens=EVAL_TOKENS):
     return total_nats / (math.log(2) * total_bytes)
 
 # -----------------------------------------------------------------------------
+# Attention kernel: Flash Attention 3, fetched once into the local cache of the `kernels` package, so that
+# train.py loads the same kernel all night without the network (a hub blip would switch a run to flex attention,
+# and a new commit on the hub would change the kernel between two runs)
+
+
+def flash_attention_repo(capability):
+    """The hub repo of Flash Attention 3 for a CUDA compute capability (major, minor): the Hopper build on 9.0."""
+    return "varunneal/flash-attention-3" if tuple(capability) == (9, 0) else "kernels-community/flash-attn3"
+
+
+def fetch_attention_kernel(capability):
+    """Downloads the kernel for this GPU and this torch into the cache `kernels` reads (KERNELS_CACHE, else the
+    Hugging Face hub cache under HF_HOME); a re-run fetches the hub's latest. Returns its path, or None after one
+    line saying it failed: that is not an error here, train.py then tries the hub at start, then flex attention."""
+    repo = flash_attention_repo(capability)
+    try:
+        from kernels import install_kernel
+        _, path = install_kernel(repo, revision="main")
+    except Exception as e:
+        print(f"Attention kernel: could not fetch {repo} ({type(e).__name__}); train.py will try the hub "
+              "at start, else use flex attention")
+        return None
+    print(f"Attention kernel: Flash Attention 3 from {repo} in {path}")
+    return path
+
+
+def load_flash_attention_3(capability):
+    """(kernel module, repo, "cache" or "hub"). The copy in the local cache, found without any network request;
+    only when none is cached for this torch and GPU, the hub through kernels.get_kernel (which caches it)."""
+    from kernels import get_kernel, get_local_kernel, install_kernel
+    repo = flash_attention_repo(capability)
+    try:
+        package, variant_path = install_kernel(repo, revision="main", local_files_only=True)
+    except FileNotFoundError:  # nothing cached (LocalEntryNotFoundError is one), or no build for this torch/CUDA
+        return get_kernel(repo), repo, "hub"
+    return get_local_kernel(variant_path.parents[1], package), repo, "cache"  # parents[1]: the snapshot folder
+
+# -----------------------------------------------------------------------------
 # Main
 
 
@@ -598,6 +640,8 @@ def main():
     try:
         download_data(args.num_shards, args.download_workers)
         train_tokenizer()
+        if torch.cuda.is_available():
+            fetch_attention_kernel(torch.cuda.get_device_capability())
     except KeyboardInterrupt:
         raise SystemExit("\ninterrupted: complete shards are kept; re-run `uv run prepare.py` to fetch the rest") from None
     print("Done: ready to train with `uv run train.py`.")

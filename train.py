@@ -59,18 +59,17 @@ def apply_rotary_emb(x, cos, sin):
 
 
 def load_attention_backend():
-    """Flash Attention 3 from the `kernels` hub on CUDA, else flex attention (CUDA), else PyTorch SDPA.
-    Returns (backend, fa3 module or None, a one-line note for the log)."""
+    """Flash Attention 3 on CUDA (from the local cache prepare.py fills, else the `kernels` hub), else flex
+    attention (CUDA), else PyTorch SDPA. Returns (backend, fa3 module or None, a one-line note for the log)."""
     if DEVICE_TYPE != "cuda":
         return "sdpa", None, f"no CUDA on {DEVICE_TYPE}"
     try:
-        from kernels import get_kernel
-        cap = torch.cuda.get_device_capability()
-        repo = "varunneal/flash-attention-3" if cap == (9, 0) else "kernels-community/flash-attn3"  # Hopper build
-        fa3 = get_kernel(repo).flash_attn_interface
+        from prepare import load_flash_attention_3
+        kernel, repo, source = load_flash_attention_3(torch.cuda.get_device_capability())
+        fa3 = kernel.flash_attn_interface
         q = torch.randn(1, 256, 2, 128, device="cuda", dtype=torch.bfloat16)
         fa3.flash_attn_func(q, q, q, causal=True, window_size=(128, 0))  # a kernel that loads but fails to run
-        return "fa3", fa3, f"Flash Attention 3 from {repo}"
+        return "fa3", fa3, f"Flash Attention 3 from {repo} ({'local cache' if source == 'cache' else 'hub'})"
     except Exception as e:
         reason = f"Flash Attention 3 unavailable: {type(e).__name__}"
     try:  # same masks without a T x T tensor per layer
