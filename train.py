@@ -24,7 +24,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.nn.attention.flex_attention import create_block_mask, flex_attention
 
-from prepare import EVAL_TOKENS, MAX_SEQ_LEN, TIME_BUDGET, Tokenizer, evaluate_bpb, make_dataloader, shard_paths
+from prepare import (EVAL_TOKENS, MAX_SEQ_LEN, TIME_BUDGET, Tokenizer, evaluate_bpb, load_flash_attention_3,
+                     make_dataloader, shard_paths)
 
 # The device is decided once, here: cuda -> mps -> cpu
 DEVICE_TYPE = "cuda" if torch.cuda.is_available() else "mps" if torch.backends.mps.is_available() else "cpu"
@@ -64,7 +65,6 @@ def load_attention_backend():
     if DEVICE_TYPE != "cuda":
         return "sdpa", None, f"no CUDA on {DEVICE_TYPE}"
     try:
-        from prepare import load_flash_attention_3
         kernel, repo, source = load_flash_attention_3(torch.cuda.get_device_capability())
         fa3 = kernel.flash_attn_interface
         q = torch.randn(1, 256, 2, 128, device="cuda", dtype=torch.bfloat16)
