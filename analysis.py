@@ -632,7 +632,7 @@ def plot_progress(df, path):
     ax.set_title(f"autoresearch: {len(exps)} experiments ({len(df)} runs), {c['keep']} kept, {c['discard']} "
                  f"discarded, {c['crash']} crashed" + (f"; noise floor {floor:.4f}" if floor else ""))
     ax.grid(alpha=0.3)
-    ax.legend(loc="upper right")
+    ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1), fontsize=9)  # outside: it would hide runs
     fig.savefig(path, dpi=150, bbox_inches="tight")
     return path
 
