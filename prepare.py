@@ -240,16 +240,18 @@ def download_data(num_shards, download_workers=8):
 # Tokenizer
 
 
-def _tokenizer_texts():
-    """BPE training text: training shards only, in file and row-group order, documents cut to 10k characters."""
-    nchars = 0
+def _tokenizer_texts(found):
+    """BPE training text: training shards only, in file and row-group order, documents cut to 10k characters.
+    Counts the shards, documents and characters it yields in `found`."""
     for path in shard_paths("train"):
+        found["shards"] += 1
         for texts in _row_group_texts(path):
             for text in texts:
                 doc = text[:TOKENIZER_DOC_CHARS]
-                nchars += len(doc)
+                found["documents"] += 1
+                found["characters"] += len(doc)
                 yield doc
-                if nchars >= TOKENIZER_MAX_CHARS:
+                if found["characters"] >= TOKENIZER_MAX_CHARS:
                     return
 
 
@@ -282,11 +284,21 @@ def train_tokenizer():
         import tiktoken
         t0 = time.time()
         bpe = rustbpe.Tokenizer()
-        bpe.train_from_iterator(_tokenizer_texts(), VOCAB_SIZE - len(SPECIAL_TOKENS), pattern=SPLIT_PATTERN)
+        found = dict(shards=0, documents=0, characters=0)
+        n_learned = VOCAB_SIZE - len(SPECIAL_TOKENS)
+        bpe.train_from_iterator(_tokenizer_texts(found), n_learned, pattern=SPLIT_PATTERN)
         ranks = {bytes(k): v for k, v in bpe.get_mergeable_ranks()}
+        if len(ranks) != n_learned:  # BPE ran out of pairs to merge: checked before anything is saved
+            raise DataError(
+                f"too little text to train the tokenizer: the {found['shards']} training shard(s) in {DATA_DIR} hold "
+                f"{found['documents']:,} documents ({found['characters']:,} characters), which gave {len(ranks):,} "
+                f"of the {n_learned:,} learned tokens that the {VOCAB_SIZE:,}-token vocabulary needs (varied text of "
+                f"a few hundred thousand characters is usually enough). Download more shards "
+                f"(`uv run prepare.py --num-shards N` with N above {found['shards']}) or put more text in the shards "
+                f"and run `uv run prepare.py` again.")
         specials = {name: len(ranks) + i for i, name in enumerate(SPECIAL_TOKENS)}  # appended after the learned tokens
         enc = tiktoken.Encoding(name="rustbpe", pat_str=bpe.get_pattern(), mergeable_ranks=ranks, special_tokens=specials)
-        assert enc.n_vocab == VOCAB_SIZE, f"trained {enc.n_vocab} tokens, expected {VOCAB_SIZE}: too little training text?"
+        assert enc.n_vocab == VOCAB_SIZE, f"trained {enc.n_vocab} tokens, expected {VOCAB_SIZE}"
         # bytes per token as the reference counts them: the token decoded alone (a lone invalid byte becomes
         # U+FFFD, 3 bytes), re-encoded as UTF-8; 0 for the special tokens so evaluate_bpb skips them
         token_bytes = [0 if i in specials.values() else len(enc.decode([i]).encode("utf-8")) for i in range(enc.n_vocab)]

@@ -552,12 +552,23 @@ def failed_runs(prepared_cache, tmp_path_factory):
     cache = root / "garbage_from_hub"
     jobs["garbage_from_hub"] = (cache, functools.partial(run_script, "prepare.py", "--num-shards", "2", cache=cache,
                                                          endpoint=hub.url))
+    tiny_hub = Hub(root / "tiny_hub")  # what someone trying their own data first serves: a few dozen short notes
+    for index in (0, 1, 6542):
+        write_shard(tiny_hub.shard_dir / f"shard_{index:05d}.parquet", short_notes(index))
+    cache = root / "too_little_text"
+    jobs["too_little_text"] = (cache, functools.partial(run_script, "prepare.py", "--num-shards", "2", cache=cache,
+                                                        endpoint=tiny_hub.url))
     try:
         with ThreadPoolExecutor(max_workers=4) as pool:
             results = {name: pool.submit(command) for name, (_, command) in jobs.items()}
             return {name: (jobs[name][0], future.result()) for name, future in results.items()}
     finally:
         hub.close()
+        tiny_hub.close()
+
+
+def short_notes(shard, n_docs=40):
+    return [f"Note {k} of shard {shard}: the cat sat on the mat, and the dog barked {k * 7} times." for k in range(n_docs)]
 
 
 def assert_one_line_error(result, *fragments):
@@ -620,6 +631,20 @@ def test_prepare_rejects_a_download_that_is_not_parquet_and_leaves_no_partial_fi
     assert "failed: shard_00001.parquet: the response is not a valid parquet file" in result.stderr
     assert "Data: 2/3 shards ready" in result.stdout
     assert sorted(os.listdir(cache / "data")) == ["shard_00000.parquet", VAL_NAME]
+
+
+def test_prepare_with_too_little_text_for_the_tokenizer_says_how_much_and_saves_no_tokenizer(failed_runs):
+    cache, result = failed_runs["too_little_text"]
+    assert "Data: 3/3 shards ready" in result.stdout
+    characters = sum(len(doc) for shard in (0, 1) for doc in short_notes(shard))
+    assert_one_line_error(result, "too little text to train the tokenizer", f"2 training shard(s) in {cache / 'data'}",
+                          f"80 documents ({characters:,} characters)", "of the 8,188 learned tokens",
+                          "the 8,192-token vocabulary needs", "`uv run prepare.py --num-shards N` with N above 2",
+                          "put more text in the shards")
+    # no tokenizer.pkl, token_bytes.pt or temp file: only the empty lock file, which stays (deleting it while another
+    # prepare.py waits on it would let a third one train at the same time)
+    assert os.listdir(cache / "tokenizer") == [".lock"]
+    assert (cache / "tokenizer" / ".lock").stat().st_size == 0
 
 
 def test_prepare_rejects_zero_shards_with_a_usage_error(failed_runs):
