@@ -343,11 +343,15 @@ def judge(df, commit=None, rule="noise", seeds=SEEDS):
 
 
 SUMMARY_KEYS = ("val_bpb", "peak_vram_mb", "num_steps", "seed", "attention", "device", "init_fingerprint")
+# A log collected with `sky logs` (skypilot.yaml) has SkyPilot's prefix on every line of the job's output,
+# "(autoresearch, pid=4242) val_bpb: ...", in color on some clusters; it is not part of what train.py printed.
+SKYPILOT_PREFIX = re.compile(r"^(?:\x1b\[[0-9;]*m)*\([^()\n]*\bpid=\d+[^()\n]*\)(?:\x1b\[[0-9;]*m)* ?", re.M)
 
 
 def parse_log(text):
     """The summary block after the last `---` line of a train.py log, as {key: string}; {} if there is none.
     The seed is also read from the start-up line, so a crashed run still records it."""
+    text = SKYPILOT_PREFIX.sub("", text)
     summary = {}
     head, sep, tail = text.rpartition("\n---\n")
     if sep or text.startswith("---\n"):

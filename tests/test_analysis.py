@@ -409,7 +409,8 @@ def test_program_md_has_the_loop_commands_in_bash_blocks():
                     "uv run analysis.py"]:
         assert command in commands, command
     placeholders = set(re.findall(r"<[a-z_]+>", commands))
-    assert placeholders == {"<tag>", "<description>", "<seed>"}, placeholders
+    parallel = {"<n>", "<gpu>", "<commit>"}  # only in "More than one GPU": the slot, its GPU, a commit to run
+    assert placeholders == {"<tag>", "<description>", "<seed>"} | parallel, placeholders
 
 
 SUMMARY = "---\nval_bpb:          {bpb}\ntraining_seconds: 300.1\npeak_vram_mb:     45060.2\nnum_steps:        953\n"
