@@ -599,7 +599,8 @@ def plot_progress(df, path):
         lo, hi = summary["best_val_bpb"], summary["baseline_val_bpb"]
     else:
         lo, hi = results["val_bpb"].min(), results["val_bpb"].max()
-    # from just below the best to just above the baseline: worse runs are marked on the top edge
+    lo = min(lo, runs["val_bpb"].min())  # a run below the best (noise) is drawn, never cut off
+    # from just below the best (or the lowest run) to just above the baseline: worse runs are marked on the top edge
     margin = max(0.15 * (hi - lo), 0.002 * hi, 1.5 * (floor or 0))
     ylo, yhi = lo - margin, hi + margin
 

@@ -25,6 +25,7 @@ EXAMPLE = DATA / "results_example.tsv"
 MESSY = DATA / "results_messy.tsv"
 HEADER_ONLY = DATA / "results_header_only.tsv"
 REAL_RUN = DATA / "results_real_run.tsv"  # a real CPU run of program.md's loop (see tests/make_docs_shards.py)
+FIVE_COLUMNS = DATA / "results_five_columns_real_run.tsv"  # an earlier real run, in the reference's five columns
 HEADER = "commit\tval_bpb\tmemory_gb\tstatus\tdescription\n"
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
@@ -83,19 +84,32 @@ def test_top_hits_rank_kept_experiments_by_gain_over_the_previous_kept_one():
     assert [h["gain"] for h in hits] == sorted((h["gain"] for h in hits), reverse=True)
 
 
+def test_a_real_five_column_file_still_loads_and_reads_as_before():
+    """An earlier real run of the loop, written by the reference's five-column protocol (Python-docs shards, 60 s
+    budget, 2 CPU cores): every row is its own experiment, as the reference counts them."""
+    df, warnings = load_results(FIVE_COLUMNS)
+    assert warnings == [] and len(df) == 11
+    assert (df["seed"].isna() & (df["device"] == "") & (df["verdict"] == "")).all()
+    s = summarize(df)
+    assert (s["n_experiments"], s["n_runs"], s["counts"]["keep"]) == (11, 11, 5)
+    assert s["baseline_val_bpb"] == 2.168051 and s["best_val_bpb"] == 2.041157 and s["noise"]["floor"] is None
+
+
 def test_real_run_is_well_formed():
-    """results_real_run.tsv comes from an actual run of the loop (Python-docs shards, 60 s budget, 2 CPU cores)."""
+    """results_real_run.tsv comes from an actual run of the loop under the noise-aware protocol (Python-docs
+    shards, 60 s budget, 2 CPU cores): one row per run, the commit's status on all its rows."""
     df, warnings = load_results(REAL_RUN)
     assert warnings == []
-    assert len(df) >= 11  # the baseline and at least 10 experiments
     assert (df.loc[0, "description"], df.loc[0, "status"]) == ("baseline", "keep") and df.loc[0, "val_bpb"] > 0
+    assert list(df.loc[:3, "seed"]) == [42, 43, 44, 42] and list(df.loc[:3, "verdict"]) == ["rerun"] * 3 + ["keep"]
     assert all(re.fullmatch(r"[0-9a-f]{7}", c) for c in df["commit"])
-    assert set(df["status"]) <= {"keep", "discard", "crash"}
+    assert set(df["status"]) <= {"keep", "discard", "crash"} and set(df["device"]) == {"cpu"}
     assert ((df["status"] == "crash") == (df["val_bpb"] == 0)).all()
+    for commit, runs in df.groupby("commit"):
+        assert runs["status"].nunique() == 1, commit
+        assert runs["seed"].is_unique or commit == df.loc[0, "commit"], commit  # only the baseline repeats a seed
     s = summarize(df)
-    assert s["best_val_bpb"] < s["baseline_val_bpb"] == df.loc[0, "val_bpb"]
-    kept = [k["val_bpb"] for k in s["kept"]]
-    assert kept == sorted(kept, reverse=True)  # each keep beat (or, deleting code, tied) the best before it
+    assert s["noise"]["floor"] > 0 and s["n_runs"] == len(df) > s["n_experiments"]
 
 
 def test_crash_rows_count_as_experiments_but_never_as_best_or_baseline(tmp_path):
@@ -350,7 +364,8 @@ def test_notebook_runs_headless(tmp_path, monkeypatch, tsv):
     text = "".join(o.get("text", "") for c in nb.cells if c.cell_type == "code" for o in c.outputs)
     if tsv == REAL_RUN:  # the run behind the committed progress.png
         assert png.read_bytes()[:8] == PNG_MAGIC
-        assert "keep rate: 45.5%" in text and "improvement:      0.126894 (5.85%)" in text
+        assert "experiments: 4 (13 runs)" in text and "keep rate: 25.0%" in text
+        assert "noise floor: 0.047688" in text and "improvement:      0.000000 (0.00%, 0.0 noise floors)" in text
         assert any("image/png" in o.get("data", {}) for c in nb.cells if c.cell_type == "code" for o in c.outputs)
     else:
         assert not png.exists()
