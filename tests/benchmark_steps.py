@@ -17,7 +17,6 @@ Attention 3 loads from the hub where it can). POSIX only (pty). Not a test: pyte
 
 import argparse
 import os
-import platform
 import pty
 import re
 import select
@@ -33,23 +32,13 @@ TESTS = Path(__file__).resolve().parent
 ROOT = TESTS.parent
 sys.path[:0] = [str(ROOT), str(TESTS)]
 
+from benchmark import machine_lines  # noqa: E402
 from conftest import Hub, make_shards, run_script  # noqa: E402
 
 # train.py's progress line: step, % done, smoothed loss, lr multiplier, dt, ...
 STEP_LINE = re.compile(r"step (\d+) \(\s*[\d.]+%\) \| loss: ([\d.]+) \| lrm: [\d.]+ \| dt:\s*(\d+)ms")
 DATA_LINE = re.compile(r"data: the loop waited ([\d.]+)s for batches in ([\d.]+)s \(([\d.]+)%\)")
 TIMED_FROM = 11  # steps 0-10 compile and warm up; train.py's training_seconds counts steps 11 onwards
-
-
-def machine_line():
-    cpu = platform.processor() or platform.machine()
-    try:
-        with open("/proc/cpuinfo") as f:
-            cpu = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), cpu)
-    except OSError:
-        pass
-    load = " | load average %.2f %.2f %.2f" % os.getloadavg() if hasattr(os, "getloadavg") else ""
-    return f"machine: {cpu} | {os.cpu_count()} cores | Python {platform.python_version()}{load}"
 
 
 def prepare_cache(work, n_docs):
@@ -127,7 +116,7 @@ def main():
 
     import train  # for the batch size of one evaluation batch (the small-machine one off CUDA)
     eval_tokens = train.DEVICE_BATCH_SIZE * train.MAX_SEQ_LEN
-    print(machine_line())
+    print("\n".join(machine_lines()))
     work = Path(tempfile.mkdtemp(prefix="autoresearch-benchmark-steps-"))
     try:
         if args.cache:
@@ -162,7 +151,7 @@ def main():
     median = statistics.median(timed)
 
     print()
-    print(machine_line())  # again: the load average over the run
+    print(machine_lines()[-1])  # again: the load average over the run
     print(header)
     print(f"data: {data_note}")
     print()
