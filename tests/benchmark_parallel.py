@@ -28,7 +28,7 @@ sys.path[:0] = [str(TESTS.parent), str(TESTS)]
 
 import torch  # noqa: E402
 
-from conftest import Hub, make_shards, run_script  # noqa: E402
+from conftest import make_prepared_cache  # noqa: E402
 from test_loop import Agent, agent_env, block, make_repo, set_constant  # noqa: E402
 from test_parallel import TAG, cache_digest, record, summary, wave  # noqa: E402
 
@@ -56,14 +56,7 @@ def main():
 
 def run(work, args):
     say = lambda s: print(s, file=sys.stderr, flush=True)  # noqa: E731  progress; the table goes to stdout
-    hub = Hub(work / "hub")
-    make_shards(hub.shard_dir)
-    try:
-        r = run_script("prepare.py", "--num-shards", "2", cache=work / "cache", endpoint=hub.url)
-    finally:
-        hub.close()
-    assert r.returncode == 0, r.stdout + r.stderr
-    cache = work / "cache"
+    cache = make_prepared_cache(work)
     before = cache_digest(cache)
 
     repo = work / "repo"

@@ -33,24 +33,12 @@ ROOT = TESTS.parent
 sys.path[:0] = [str(ROOT), str(TESTS)]
 
 from benchmark import machine_lines  # noqa: E402
-from conftest import Hub, make_shards, run_script  # noqa: E402
+from conftest import make_prepared_cache  # noqa: E402
 
 # train.py's progress line: step, % done, smoothed loss, lr multiplier, dt, ...
 STEP_LINE = re.compile(r"step (\d+) \(\s*[\d.]+%\) \| loss: ([\d.]+) \| lrm: [\d.]+ \| dt:\s*(\d+)ms")
 DATA_LINE = re.compile(r"data: the loop waited ([\d.]+)s for batches in ([\d.]+)s \(([\d.]+)%\)")
 TIMED_FROM = 11  # steps 0-10 compile and warm up; train.py's training_seconds counts steps 11 onwards
-
-
-def prepare_cache(work, n_docs):
-    """Tiny shards (conftest.make_shards) on a local hub, prepared by the real `python prepare.py --num-shards 2`."""
-    hub = Hub(work / "hub")
-    try:
-        make_shards(hub.shard_dir, n_docs=n_docs)
-        result = run_script("prepare.py", "--num-shards", "2", cache=work / "cache", endpoint=hub.url)
-    finally:
-        hub.close()
-    assert result.returncode == 0, result.stdout + result.stderr
-    return work / "cache"
 
 
 def run_on_a_terminal(cmd, env, timeout):
@@ -124,7 +112,7 @@ def main():
             data_note = f"cache {cache}"
         else:
             print(f"data: 3 tiny shards of {args.n_docs} documents, prepared by prepare.py in {work}", flush=True)
-            cache = prepare_cache(work, args.n_docs)
+            cache = make_prepared_cache(work, args.n_docs)
             data_note = f"3 tiny shards of {args.n_docs} documents (tests/conftest.py)"
         env = {k: v for k, v in os.environ.items() if not k.startswith("AUTORESEARCH_")}
         env.update(AUTORESEARCH_CACHE_DIR=str(cache), AUTORESEARCH_TIME_BUDGET=f"{args.budget:g}",

@@ -150,18 +150,23 @@ def run_script(script, *args, cache, endpoint=None, timeout=300, extra_env=None)
                           text=True, timeout=timeout)
 
 
-@pytest.fixture(scope="session")
-def prepared_cache(tmp_path_factory):
-    """A cache made by the real `python prepare.py --num-shards 2` against a local hub (shared, read-only)."""
-    root = tmp_path_factory.mktemp("prepared")
+def make_prepared_cache(root, n_docs=1500):
+    """root/cache, made by the real `python prepare.py --num-shards 2` from tiny shards on a local hub in root/hub."""
+    root = Path(root)
     h = Hub(root / "hub")
-    make_shards(h.shard_dir)
     try:
+        make_shards(h.shard_dir, n_docs=n_docs)
         result = run_script("prepare.py", "--num-shards", "2", cache=root / "cache", endpoint=h.url)
     finally:
         h.close()
     assert result.returncode == 0, result.stdout + result.stderr
     return root / "cache"
+
+
+@pytest.fixture(scope="session")
+def prepared_cache(tmp_path_factory):
+    """A cache made by the real `python prepare.py --num-shards 2` against a local hub (shared, read-only)."""
+    return make_prepared_cache(tmp_path_factory.mktemp("prepared"))
 
 # -----------------------------------------------------------------------------
 # train.py's model, optimizer and step as train.main runs them, for the benchmarks (tests build small ones)
