@@ -77,7 +77,11 @@ def load_results(path):
     if os.path.isdir(path):
         raise IsADirectoryError(f"{path}: is a directory, not a results.tsv file")
     with open(path, "rb") as f:
-        text = f.read().decode("utf-8", errors="replace")
+        return parse_results(f.read().decode("utf-8", errors="replace"))
+
+
+def parse_results(text):
+    """load_results on the text of a results.tsv; `line` counts the lines of `text` from 1, the BOM removed."""
     text = text.lstrip("\ufeff")
     warnings, rows = [], []
     width = None  # fields per row: 5, or more with the condition columns
@@ -342,7 +346,6 @@ def judge(df, commit=None, rule="noise", seeds=SEEDS):
 # Recording a run: run.log -> one row, appended under a lock
 
 
-SUMMARY_KEYS = ("val_bpb", "peak_vram_mb", "num_steps", "seed", "attention", "device", "init_fingerprint")
 # A log collected with `sky logs` (skypilot.yaml) has SkyPilot's prefix on every line of the job's output,
 # "(autoresearch, pid=4242) val_bpb: ...", in color on some clusters; it is not part of what train.py printed.
 SKYPILOT_PREFIX = re.compile(r"^(?:\x1b\[[0-9;]*m)*\([^()\n]*\bpid=\d+[^()\n]*\)(?:\x1b\[[0-9;]*m)* ?", re.M)
@@ -410,29 +413,14 @@ def record(tsv, summary, commit, description, rule="noise"):
         if not lines or lines[0].strip().lower().split("\t") == COLUMNS:  # new, or the reference's five columns
             lines[:1] = ["\t".join(HEADER)]
         lines.append("\t".join(row))
-        tmp = f"{tsv}.{os.getpid()}.tmp"
-        try:
-            with open(tmp, "w", encoding="utf-8") as f:
-                f.write("\n".join(lines) + "\n")
-            df, _ = load_results(tmp)
-            verdict = judge(df, commit, rule)
-            mine = df[(df["commit"] == commit) & (df["val_bpb"] > 0)]
-            for lineno in mine["line"]:
-                fields = lines[lineno - 1].split("\t")
-                fields[3] = verdict["status"]
-                lines[lineno - 1] = "\t".join(fields)
-            if row[3] != "crash":
-                row[3] = verdict["status"]
-            row[-1] = verdict["verdict"]
-            lines[-1] = "\t".join(row)
-            with open(tmp, "w", encoding="utf-8") as f:
-                f.write("\n".join(lines) + "\n")
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, tsv)
-        finally:
-            if os.path.exists(tmp):
-                os.remove(tmp)
+        df, _ = parse_results("\n".join(lines))
+        verdict = judge(df, commit, rule)
+        _set_status(lines, df, commit, verdict["status"])
+        if row[3] != "crash":
+            row[3] = verdict["status"]
+        row[-1] = verdict["verdict"]
+        lines[-1] = "\t".join(row)
+        _replace(tsv, lines)
     return row, verdict
 
 def mark(tsv, commit, status):
@@ -440,15 +428,30 @@ def mark(tsv, commit, status):
     with locked(tsv):
         with open(tsv, encoding="utf-8", errors="replace") as f:
             lines = f.read().lstrip("\ufeff").splitlines()
-        df, _ = load_results(tsv)
-        for lineno in df.loc[(df["commit"] == commit) & (df["val_bpb"] > 0), "line"]:
-            fields = lines[lineno - 1].split("\t")
-            fields[3] = status
-            lines[lineno - 1] = "\t".join(fields)
-        tmp = f"{tsv}.{os.getpid()}.tmp"
+        _set_status(lines, parse_results("\n".join(lines))[0], commit, status)
+        _replace(tsv, lines)
+
+
+def _set_status(lines, df, commit, status):
+    """Writes `status` into the status field of `commit`'s result rows (df parsed from `lines`); crashes stay."""
+    for lineno in df.loc[(df["commit"] == commit) & (df["val_bpb"] > 0), "line"]:
+        fields = lines[lineno - 1].split("\t")
+        fields[3] = status
+        lines[lineno - 1] = "\t".join(fields)
+
+
+def _replace(tsv, lines):
+    """Writes `lines` to a temporary file and renames it over `tsv`: a reader sees the old file or the new one."""
+    tmp = f"{tsv}.{os.getpid()}.tmp"
+    try:
         with open(tmp, "w", encoding="utf-8") as f:
             f.write("\n".join(lines) + "\n")
+            f.flush()
+            os.fsync(f.fileno())
         os.replace(tmp, tsv)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
 
 # -----------------------------------------------------------------------------
 # Summary
