@@ -202,14 +202,23 @@ class GPT(nn.Module):
         return freqs.cos().bfloat16()[None, :, None, :], freqs.sin().bfloat16()[None, :, None, :]  # (1, T, 1, D/2)
 
     @torch.no_grad()
-    def init_weights(self):
+    def init_weights(self, seed):
+        """Each parameter draws from a stream of its own, seeded by `seed` and the parameter's name (on the CPU,
+        so any device gets the same values): adding, removing or reshaping one module leaves every other
+        parameter's initial values as they were."""
         n_embd = self.config.n_embd
         s = 3**0.5 * n_embd**-0.5  # uniform(-s, s) has the std of normal(0, 1/sqrt(d))
-        nn.init.normal_(self.transformer.wte.weight, mean=0.0, std=1.0)
-        nn.init.normal_(self.lm_head.weight, mean=0.0, std=0.001)
+        names = {p: name for name, p in self.named_parameters()}
+
+        def draw(p, fill):
+            digest = hashlib.blake2b(f"{seed}:{names[p]}".encode(), digest_size=8).digest()
+            p.copy_(fill(torch.empty(p.shape), torch.Generator().manual_seed(int.from_bytes(digest, "little"))))
+
+        draw(self.transformer.wte.weight, lambda t, g: t.normal_(0.0, 1.0, generator=g))
+        draw(self.lm_head.weight, lambda t, g: t.normal_(0.0, 0.001, generator=g))
         for block in self.transformer.h:
             for lin in (block.attn.c_q, block.attn.c_k, block.attn.c_v, block.mlp.c_fc):
-                nn.init.uniform_(lin.weight, -s, s)
+                draw(lin.weight, lambda t, g: t.uniform_(-s, s, generator=g))
             nn.init.zeros_(block.attn.c_proj.weight)  # every block starts as the identity
             nn.init.zeros_(block.mlp.c_proj.weight)
             if block.attn.ve_gate is not None:
@@ -217,7 +226,7 @@ class GPT(nn.Module):
         self.resid_lambdas.fill_(1.0)
         self.x0_lambdas.fill_(0.1)
         for ve in self.value_embeds.values():
-            nn.init.uniform_(ve.weight, -s, s)
+            draw(ve.weight, lambda t, g: t.uniform_(-s, s, generator=g))
         device = self.lm_head.weight.device
         self.cos, self.sin = self.precompute_rotary(self.rotary_seq_len, n_embd // self.config.n_head, device=device)
         if device.type == "cuda":  # bf16 embeddings halve their memory; autocast runs the rest in bf16
@@ -501,6 +510,10 @@ def muon_momentum(step):
     return (1 - frac) * 0.85 + frac * 0.95
 
 
+def muon_weight_decay(progress):
+    return WEIGHT_DECAY * (1 - progress)  # linearly to 0 over the budget
+
+
 def main():
     global ATTN_BACKEND, fa3
     t_start = time.time()
@@ -530,8 +543,8 @@ def main():
     with torch.device("meta" if DEVICE_TYPE == "cuda" else device):
         model = GPT(config)
     model.to_empty(device=device)
-    torch.manual_seed(seed)  # seeded here, so the init does not depend on how the model was built
-    model.init_weights()
+    torch.manual_seed(seed)  # for anything an edit draws from the global stream; init_weights seeds its own
+    model.init_weights(seed)
     fingerprint = init_fingerprint(model)
     counts = model.num_params()
     flops_per_token = model.estimate_flops()
@@ -574,7 +587,7 @@ def main():
             group["lr"] = group["initial_lr"] * lrm
             if group["kind"] == "muon":
                 group["momentum"] = muon_momentum(step)
-                group["weight_decay"] = WEIGHT_DECAY * (1 - progress)
+                group["weight_decay"] = muon_weight_decay(progress)
         optimizer.step()
         model.zero_grad(set_to_none=True)
         loss_f = train_loss.item()  # the one host sync per step
@@ -616,6 +629,7 @@ def main():
     with autocast:
         val_bpb = evaluate_bpb(model, tokenizer, DEVICE_BATCH_SIZE, eval_tokens=val_tokens)
     sync()
+    eval_tokens = val_tokens // (DEVICE_BATCH_SIZE * MAX_SEQ_LEN) * DEVICE_BATCH_SIZE * MAX_SEQ_LEN  # whole batches
     steady_mfu = (100 * flops_per_token * TOTAL_BATCH_SIZE * (step - 11) / training_time / peak_flops
                   if peak_flops and training_time > 0 else 0.0)
     print("---")
@@ -630,7 +644,7 @@ def main():
     print(f"depth:            {DEPTH}")
     # the run's conditions, after the reference's nine keys: analysis.py compares only like with like
     for key, value in [("seed", seed), ("attention", ATTN_BACKEND), ("device", gpu or DEVICE_TYPE),
-                       ("init_fingerprint", fingerprint)]:
+                       ("init_fingerprint", fingerprint), ("time_budget", f"{budget:g}"), ("eval_tokens", eval_tokens)]:
         print(f"{key + ':':<18}{value}")
 
 

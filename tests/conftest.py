@@ -180,7 +180,7 @@ def build_model(depth, vocab):
         model = train.GPT(train.build_model_config(depth, vocab))
     model.to_empty(device=train.DEVICE_TYPE)
     torch.manual_seed(42)
-    model.init_weights()
+    model.init_weights(42)
     return model
 
 

@@ -67,7 +67,7 @@ def test_initialisation_follows_the_spec():
     torch.manual_seed(0)
     config = train.GPTConfig(sequence_len=64, vocab_size=512, n_layer=4, n_head=2, n_kv_head=2, n_embd=64)
     model = train.GPT(config)
-    model.init_weights()
+    model.init_weights(0)
     s = 3**0.5 * 64**-0.5
     assert abs(model.transformer.wte.weight.std().item() - 1.0) < 0.05
     assert abs(model.lm_head.weight.std().item() - 0.001) < 1e-4
@@ -83,7 +83,7 @@ def test_initialisation_follows_the_spec():
 def test_untrained_model_predicts_nearly_uniform_soft_capped_logits():
     torch.manual_seed(0)
     model = train.GPT(train.GPTConfig(sequence_len=32, vocab_size=512, n_layer=2, n_head=2, n_kv_head=2, n_embd=64))
-    model.init_weights()
+    model.init_weights(0)
     idx = torch.randint(0, 512, (2, 32))
     logits = model(idx)
     assert logits.dtype == torch.float32 and logits.shape == (2, 32, 512)
@@ -222,7 +222,7 @@ def test_setup_optimizer_groups_and_learning_rates():
 def test_loss_decreases_on_a_fixed_batch():
     torch.manual_seed(42)
     model = train.GPT(train.GPTConfig(sequence_len=64, vocab_size=256, n_layer=2, n_head=2, n_kv_head=2, n_embd=64))
-    model.init_weights()
+    model.init_weights(42)
     opt = model.setup_optimizer(unembedding_lr=0.004, embedding_lr=0.6, matrix_lr=0.04, weight_decay=0.2,
                                 adam_betas=(0.8, 0.95), scalar_lr=0.5)
     x = torch.randint(0, 256, (4, 64))
@@ -258,7 +258,7 @@ def untrained_val_bpb(cache):
         tokenizer = prepare.Tokenizer.from_directory(prepare.TOKENIZER_DIR)
         model = train.GPT(train.build_model_config(train.DEPTH, tokenizer.get_vocab_size()))
         torch.manual_seed(42)  # as train.py seeds it, right before the init
-        model.init_weights()
+        model.init_weights(42)
         return prepare.evaluate_bpb(model, tokenizer, train.DEVICE_BATCH_SIZE, eval_tokens=EVAL_TOKENS)
     finally:
         prepare.TOKENIZER_DIR, prepare.DATA_DIR = saved
@@ -289,7 +289,7 @@ def build_like_main(seed, vocab=8192):
     """The initial model as train.main builds it off CUDA: in place, then seeded, then initialised."""
     model = train.GPT(train.build_model_config(train.DEPTH, vocab))
     torch.manual_seed(seed)
-    model.init_weights()
+    model.init_weights(seed)
     return model
 
 
