@@ -1,40 +1,38 @@
 """
-Reads results.tsv (one row per training run, written by `record`) and judges and reports the experiments.
+Records, judges and reports the runs in results.tsv (one row per training run, written by `record`).
 
 Usage:
     uv run analysis.py record --description "<what changed>"   # after a run: append its row from run.log, print the verdict
-    uv run analysis.py judge                                   # the verdict for the latest commit again, writing nothing
-    uv run analysis.py [--json] [--plot progress.png]          # the report: counts, noise floor, kept changes, best
+    uv run analysis.py judge                                   # the latest commit's verdict again, with the evidence
+    uv run analysis.py confirm                                 # the morning's check: the next confirmation run, or the gain
+    uv run analysis.py mark --status discard                   # the simplicity criterion, by hand (or --status keep)
+    uv run analysis.py [--json] [--plot progress.png]          # the report: counts, noise, kept changes, best, confirmed gain
 
-The verdict is one line that starts with what to do: `keep`, `discard`, `rerun with seed N`, `crash` or
-`refused` (runs that cannot be compared). The rules (program.md, "Judging a result"):
+A verdict is one line that starts with what to do: `keep`, `discard`, `rerun with seed N`, `crash` or `refused`.
+The rule (docs/judging.md has the statistics and the benchmark behind the constants):
 
-- The baseline runs under every seed in SEEDS, then once more under the first seed. The spread across seeds is
-  the noise: sigma, the standard deviation of one run, pooled over every commit that has run under two or more
-  seeds. The noise floor is sqrt(2) * sigma: how far changing only the seed moves val_bpb (the standard deviation
-  of the difference of two runs). The repeat under the first seed gives the same-seed floor the same way.
-- A candidate is compared with the best kept commit, each represented by the mean over its seeds, as
-  z = (best mean - candidate mean) / standard error, with error sigma * sqrt(1/n_candidate + 1/n_best).
-  When the candidate starts from the same initial weights as the best under the same seeds (equal
-  init_fingerprint: most hyperparameter edits), the two are compared seed for seed, and the error is the spread
-  of such seed-for-seed differences measured earlier in the same results.tsv (never below the same-seed floor).
-  It is not assumed to be the same-seed floor: on the small CPU config one learning-rate edit moved val_bpb by
-  -0.026, +0.011 and +0.008 under seeds 42, 43 and 44 from the same weights. Until two degrees of freedom of it
-  are measured, a same-init comparison is judged like any other.
-- z >= 3 after any run keeps (a clear winner); z <= 0 discards (not even better); in between, rerun under the
-  next seed; once every seed has run, z >= 2 keeps, anything less discards. A kept commit is then completed
-  under the remaining seeds, so that the next candidate is compared with a mean, not with a lucky single run.
-- Runs with a different device or attention backend than the best are refused, never compared.
-- AUTORESEARCH_RULE=plain (or --rule plain) is the reference's rule: one run, keep if strictly lower than the
-  best kept val_bpb.
+- The baseline runs under BASELINE_SEEDS. sigma, the seed-to-seed spread of one run, is pooled over every commit that
+  ran under two or more seeds, with its degrees of freedom; the noise floor is sqrt(2) * sigma, how far changing only
+  the seed moves val_bpb between two runs. Every bar below is a normal quantile turned into the Student-t quantile of
+  the same tail probability at the degrees of freedom measured so far, so a noise measured on 3 dof is treated as such.
+- A candidate is compared with the best kept commit: z = (best - candidate) / standard error, each side the mean over
+  its seeds (error sigma * sqrt(1/n_candidate + 1/n_best)); or seed for seed, when the best ran under every seed of the
+  candidate, the spread of seed-for-seed differences is measured (PAIRED_MIN_DOF) and it gives the tighter test.
+- One run: z >= KEEP_ONE keeps (once seed-for-seed differences are measured on ONE_RUN_KEEP_DOF dof; until then a
+  promising run is rerun), z <= DISCARD_ONE discards, anything between is rerun once under the next seed. Two runs:
+  z >= KEEP_TWO keeps, anything less discards. A kept commit is not rerun.
+- Runs that differ from the best in device, attention kernel, time budget or evaluation tokens are refused. A run whose
+  num_steps is more than STEP_TOLERANCE off the median of its commit's runs (3 or more) is left out, and named.
+- The night's gain is confirmed under CONFIRM_SEEDS, seeds no decision used: confirmation rows change no status.
+- AUTORESEARCH_RULE=plain (or --rule plain) is the reference's rule: one run, keep if strictly lower than the best kept.
 
-Reading is forgiving: messy input (mixed-case status, stray spaces, rows with the wrong number of fields, a
-non-numeric val_bpb) gives a warning per bad line instead of a traceback, and the reference's five-column files
-load as they are. analysis.ipynb imports the functions below; the logic lives here once. The integrity check
-runs git in the directory holding the tsv: no kept commit may change prepare.py or pyproject.toml.
+Reading is forgiving: messy input gives a warning per bad line instead of a traceback, and the reference's five-column
+files and this project's older eleven-column files load as they are. analysis.ipynb imports the functions below.
+The integrity check runs git in the directory holding the tsv: no kept commit may change prepare.py or pyproject.toml.
 """
 
 import argparse
+import functools
 import json
 import math
 import os
@@ -46,16 +44,25 @@ from contextlib import contextmanager
 import pandas as pd
 
 COLUMNS = ["commit", "val_bpb", "memory_gb", "status", "description"]  # the reference's five, first and in order
-CONDITIONS = ["seed", "num_steps", "attention", "device", "init_fingerprint", "verdict"]  # what a comparison needs
-HEADER = COLUMNS + CONDITIONS
+EXTRA = ["seed", "num_steps", "attention", "device", "init_fingerprint", "verdict", "time_budget", "eval_tokens"]
+HEADER = COLUMNS + EXTRA  # older files stop after `verdict` (eleven columns) or after `description` (five)
+FROM_SUMMARY = [k for k in EXTRA if k != "verdict"]  # the summary keys each row records
+MATCHED = ("device", "attention", "time_budget", "eval_tokens")  # runs are compared only when these agree
 STATUSES = ("keep", "discard", "crash")
 FIXED_FILES = ("prepare.py", "pyproject.toml")  # the agent may change train.py only; these two matter most
-
-SEEDS = (42, 43, 44)   # every commit runs under these, in this order (train.py's SEED first)
-CLEAR_WIN = 3.0        # z that keeps after a single run
-WIN = 2.0              # z that keeps once every seed has run
-PAIRED_MIN_DOF = 2     # seed-for-seed differences measured before they are trusted
 RULES = ("noise", "plain")
+
+BASELINE_SEEDS = (42, 43, 44, 45)  # the baseline runs under each before any idea is judged (3 dof of noise)
+SEEDS = (42, 43)                   # a candidate's first run, and its one rerun when the verdict asks for it
+CONFIRM_SEEDS = (1001, 1002, 1003)  # the morning's confirmation of baseline and best: seeds no decision used
+# The bars, as normal quantiles (each is used as the t quantile of the same tail probability). Tuned for true
+# progress per run with tests/benchmark_decisions.py --seed 1; its default draws (--seed 0) report them.
+KEEP_ONE = 1.7          # z that keeps after one run
+DISCARD_ONE = 1.2       # z at or below which one run discards
+KEEP_TWO = 1.5          # z that keeps after two runs
+ONE_RUN_KEEP_DOF = 4    # seed-for-seed degrees of freedom measured before anything is kept on one run
+PAIRED_MIN_DOF = 2      # seed-for-seed degrees of freedom before a comparison may use them
+STEP_TOLERANCE = 0.05   # a run more than 5% off its commit's median num_steps is left out (a cold or busy machine)
 
 # -----------------------------------------------------------------------------
 # Loading
@@ -69,8 +76,8 @@ def load_results(path):
     """Reads a results.tsv. Returns (DataFrame with HEADER plus `line`, list of warning strings).
 
     Bad rows are skipped with a warning naming their line number; raises FileNotFoundError for a missing
-    file. val_bpb is 0.0 for a crash; memory_gb is NaN where it is missing or not a number. Five-column files
-    (the reference's) load with the condition columns empty: seed and num_steps None, the rest "".
+    file. val_bpb is 0.0 for a crash; memory_gb is NaN where it is missing or not a number. Older files load with
+    the columns they lack empty: seed and num_steps None, the rest "".
     """
     if not os.path.exists(path):
         raise FileNotFoundError(f"{path}: no such file (the agent creates results.tsv during setup, see program.md)")
@@ -84,7 +91,7 @@ def parse_results(text):
     """load_results on the text of a results.tsv; `line` counts the lines of `text` from 1, the BOM removed."""
     text = text.lstrip("\ufeff")
     warnings, rows = [], []
-    width = None  # fields per row: 5, or more with the condition columns
+    width = None  # fields per row: 5, 11 or 13
     for lineno, raw in enumerate(text.splitlines(), start=1):
         line = raw.rstrip("\r")
         if not line.strip():
@@ -123,116 +130,172 @@ def parse_results(text):
             warnings.append(f"line {lineno}: unknown status {status!r} (expected keep, discard or crash)")
         elif status == "keep" and val_bpb <= 0:
             warnings.append(f"line {lineno}: status keep but val_bpb is {val_bpb}; not counted as a result")
-        seed, steps, attention, device, fingerprint, verdict = fields[5:11]
-        rows.append({"commit": commit, "val_bpb": val_bpb, "memory_gb": memory_gb, "status": status,
-                     "description": description, "seed": _int_or_none(seed), "num_steps": _int_or_none(steps),
-                     "attention": attention, "device": device, "init_fingerprint": fingerprint,
-                     "verdict": verdict.lower(), "line": lineno})
+        extra = dict(zip(EXTRA, fields[5:]))
+        rows.append(dict(extra, commit=commit, val_bpb=val_bpb, memory_gb=memory_gb, status=status,
+                         description=description, seed=_int_or_none(extra["seed"]),
+                         num_steps=_int_or_none(extra["num_steps"]), verdict=extra["verdict"].lower(), line=lineno))
     df = pd.DataFrame(rows, columns=HEADER + ["line"])
-    df = df.astype({"commit": str, "val_bpb": float, "memory_gb": float, "status": str, "description": str,
-                    "seed": object, "num_steps": object, "attention": str, "device": str, "init_fingerprint": str,
-                    "verdict": str, "line": int})
-    return df, warnings
+    df = df.astype({c: str for c in HEADER if c not in ("val_bpb", "memory_gb", "seed", "num_steps")})
+    return df.astype({"val_bpb": float, "memory_gb": float, "seed": object, "num_steps": object, "line": int}), warnings
 
 
 # -----------------------------------------------------------------------------
-# Judging: the noise floor and the verdict for one commit
+# Statistics: Student's t without scipy
+
+
+def norm_cdf(x):
+    return 0.5 * math.erfc(-x / math.sqrt(2))
+
+
+def t_cdf(t, dof):
+    """P(T <= t) for Student's t with a whole number of degrees of freedom (Abramowitz & Stegun 26.7.3 and 26.7.4)."""
+    if dof > 1000:
+        return norm_cdf(t)
+    theta = math.atan(t / math.sqrt(dof))
+    c, s = math.cos(theta), math.sin(theta)
+    term = total = c if dof % 2 else 1.0
+    for k in range(3 if dof % 2 else 2, dof - 1, 2):
+        term *= c * c * (k - 1) / k
+        total += term
+    a = 2 / math.pi * (theta + s * total) if dof % 2 and dof > 1 else 2 / math.pi * theta if dof == 1 else s * total
+    return 0.5 + 0.5 * a
+
+
+@functools.lru_cache(maxsize=None)
+def t_ppf(p, dof):
+    """The p quantile of Student's t with `dof` degrees of freedom (bisection on t_cdf)."""
+    lo, hi = -1e4, 1e4
+    for _ in range(100):
+        mid = (lo + hi) / 2
+        lo, hi = (mid, hi) if t_cdf(mid, dof) < p else (lo, mid)
+    return (lo + hi) / 2
+
+
+def bar(z, dof):
+    """The normal quantile `z` as a t quantile at `dof`: the same tail probability, with the noise treated as measured."""
+    return t_ppf(norm_cdf(z), int(dof))
+
+
+# -----------------------------------------------------------------------------
+# The evidence: which runs count, the noise they measure, one comparison
 
 
 def _results(df):
-    """Runs with a result that were not refused (a refused run's conditions differ from what it was compared with)."""
-    return df[(df["val_bpb"] > 0) & (df["verdict"] != "refused")]
+    """Runs with a result that were not refused and are not confirmation runs (the morning's check)."""
+    return df[(df["val_bpb"] > 0) & ~df["verdict"].isin(["refused", "confirm"])]
 
 
-def _comparable(df, like):
-    """Rows whose device and attention match `like` ((device, attention)); an empty field (old rows) matches all."""
-    if like is None:
-        return df
-    device, attention = like
-    ok = pd.Series(True, index=df.index)
-    if device:
-        ok &= df["device"].isin([device, ""])
-    if attention:
-        ok &= df["attention"].isin([attention, ""])
-    return df[ok]
+def conditions(row):
+    """What a run must share with another to be compared with it."""
+    return {k: row[k] for k in MATCHED}
 
 
-def _conditions(row):
-    return row["device"], row["attention"]
+def _differs(row, like):
+    """The conditions in which `row` differs from `like` ([] when comparable; an empty field, from an older file,
+    matches anything)."""
+    return [k for k in MATCHED if row[k] and like[k] and str(row[k]) != str(like[k])]
 
 
-def _describe(like):
-    device, attention = like
-    return f"attention {attention or '?'} on {device or '?'}"
+def _describe(row, keys=MATCHED):
+    names = {"device": "on", "attention": "attention", "time_budget": "time budget", "eval_tokens": "eval tokens"}
+    return ", ".join(f"{names[k]} {row[k] or '?'}" + ("s" if k == "time_budget" and row[k] else "") for k in keys)
 
 
-def noise_floor(df, like=None, exclude=None):
-    """The noise measured in results.tsv, over the runs whose conditions match `like`. Floors are standard
-    deviations of the difference between two runs; None where nothing was measured yet.
+def step_outliers(rows):
+    """{line: note} for runs whose num_steps is more than STEP_TOLERANCE off the median of their commit's runs (a
+    commit with 3 or more runs with num_steps): a cold start or a busy machine, not the change."""
+    by_commit, out = {}, {}
+    for r in rows:
+        if r["num_steps"] is not None:
+            by_commit.setdefault(r["commit"], []).append(r)
+    for commit, runs in by_commit.items():
+        if len(runs) < 3:
+            continue
+        steps = sorted(r["num_steps"] for r in runs)
+        n = len(steps)
+        median = steps[n // 2] if n % 2 else (steps[n // 2 - 1] + steps[n // 2]) / 2
+        for r in runs:
+            if abs(r["num_steps"] - median) > STEP_TOLERANCE * median:
+                out[r["line"]] = (f"line {r['line']} ({commit}, seed {r['seed']}) left out: num_steps {r['num_steps']}"
+                                  f" against the median {median:g} of its {n} runs (a cold start or a busy machine?)")
+    return out
 
-    floor: two runs of one commit under different seeds (sqrt(2) * sigma, sigma pooled over every commit with
-    results under two or more seeds, its first run under each); floor_same: two runs under one seed; floor_paired:
-    a seed-for-seed difference between two commits that share the initial weights (each commit against the best
-    it was compared with, over two or more common seeds, `exclude` left out)."""
-    results = _results(df)
-    best_before, last_keep = {}, None  # the best each commit was compared with: the last kept before its first run
-    for commit, status in zip(results["commit"], results["status"]):
-        best_before.setdefault(commit, last_keep)
-        last_keep = commit if status == "keep" else last_keep
-    runs = _comparable(results, like)
-    values, init = {}, {}  # commit -> seed -> [val_bpb]; (commit, seed) -> init_fingerprint
-    for commit, v, seed, fingerprint in zip(runs["commit"], runs["val_bpb"], runs["seed"], runs["init_fingerprint"]):
-        if seed is not None:
-            values.setdefault(commit, {}).setdefault(seed, []).append(v)
-            init.setdefault((commit, seed), fingerprint)
-    ss = dof = ss_same = dof_same = ss_pair = dof_pair = 0.0
-    for commit, per_seed in values.items():
-        if len(per_seed) >= 2:
-            firsts = [v[0] for v in per_seed.values()]
-            ss += sum((x - sum(firsts) / len(firsts)) ** 2 for x in firsts)
-            dof += len(firsts) - 1
-        for v in per_seed.values():
-            ss_same += sum((x - sum(v) / len(v)) ** 2 for x in v)
-            dof_same += len(v) - 1
-        best = best_before.get(commit)
-        if commit != exclude and best in values and len(per_seed) >= 2 and all(
-                init[commit, s] and init.get((best, s)) == init[commit, s] for s in per_seed):
-            d = [sum(v) / len(v) - sum(values[best][s]) / len(values[best][s]) for s, v in per_seed.items()]
-            ss_pair += sum((x - sum(d) / len(d)) ** 2 for x in d)
-            dof_pair += len(d) - 1
+
+def evidence(df, like):
+    """The runs that count, under the conditions `like`: ({commit: {seed: val_bpb}} in order of first appearance,
+    repeats under one seed averaged; {commit: the best kept commit when it first ran}; {line: note} of the runs left out
+    as num_steps outliers). A run without a seed (an older file) counts as a seed of its own."""
+    rows = [r for r in _results(df).to_dict("records") if not _differs(r, like)]
+    left_out = step_outliers(rows)
+    values, best_before, last_keep = {}, {}, None
+    for r in _results(df).to_dict("records"):  # the best each commit was compared with: the last kept before it
+        best_before.setdefault(r["commit"], last_keep)
+        last_keep = r["commit"] if r["status"] == "keep" else last_keep
+    for r in rows:
+        if r["line"] not in left_out:
+            seed = r["seed"] if r["seed"] is not None else f"line {r['line']}"
+            values.setdefault(r["commit"], {}).setdefault(seed, []).append(r["val_bpb"])
+    values = {c: {s: sum(v) / len(v) for s, v in seeds.items()} for c, seeds in values.items()}
+    return values, best_before, left_out
+
+
+def _mean(xs):
+    xs = list(xs)
+    return sum(xs) / len(xs)
+
+
+def noise(values, best_before, exclude=None):
+    """The noise measured by every commit but `exclude` (the one being judged, so its own runs never set the bar).
+
+    sigma: the spread of one run across seeds, pooled over commits with two or more seeds (dof: seeds - 1 each);
+    floor = sqrt(2) * sigma. paired: the spread of a seed-for-seed difference between a commit and the best it was
+    compared with, pooled over commits with two or more seeds that all ran on that best; a commit whose runs equal
+    the best's under every seed (an edit that changed nothing) measures nothing and is left out."""
+    ss = dof = ss_p = dof_p = 0.0
+    n_commits = n_pairs = 0
+    for commit, seeds in values.items():
+        if commit == exclude or len(seeds) < 2:
+            continue
+        m = _mean(seeds.values())
+        ss += sum((v - m) ** 2 for v in seeds.values())
+        dof += len(seeds) - 1
+        n_commits += 1
+        best = values.get(best_before.get(commit))
+        if best and set(seeds) <= set(best):
+            d = [best[s] - v for s, v in seeds.items()]
+            if any(d):
+                ss_p += sum((x - _mean(d)) ** 2 for x in d)
+                dof_p += len(d) - 1
+                n_pairs += 1
     sigma = math.sqrt(ss / dof) if dof else None
-    sigma_same = math.sqrt(ss_same / dof_same) if dof_same else None
-    pair = math.sqrt(ss_pair / dof_pair) if dof_pair else None
-    return {"floor": sigma * math.sqrt(2) if sigma is not None else None, "sigma": sigma, "dof": int(dof),
-            "floor_same": sigma_same * math.sqrt(2) if sigma_same is not None else None, "dof_same": int(dof_same),
-            "floor_paired": pair, "dof_paired": int(dof_pair)}
+    return {"sigma": sigma, "dof": int(dof), "floor": sigma * math.sqrt(2) if sigma is not None else None,
+            "commits": n_commits, "paired_spread": math.sqrt(ss_p / dof_p) if dof_p else None, "dof_paired": int(dof_p),
+            "pairs": n_pairs}
 
 
-def _paired_differences(cand, best):
-    """Per-seed val_bpb differences (candidate - best) when every candidate run has a best run with its seed and
-    initial weights, else None."""
-    if not len(cand) or not len(best) or (cand["init_fingerprint"] == "").any() or cand["seed"].isna().any():
-        return None
-    if not all(((best["seed"] == r.seed) & (best["init_fingerprint"] == r.init_fingerprint)).any()
-               for r in cand.itertuples()):
-        return None
-    c, b = seed_means(cand), seed_means(best)
-    return pd.Series([c[k] - b[k] for k in c.index], index=c.index)
+def compare(cand, best, nz):
+    """The candidate's seeds against the best's ({seed: val_bpb} each). Returns diff (best - candidate: > 0 when the
+    candidate is better), se, dof, paired, and `shown`, the best's number it was compared with. Seed for seed when
+    the best ran under every candidate seed and that spread is measured and gives the smaller 95% bar."""
+    diff = _mean(best.values()) - _mean(cand.values())
+    se = nz["sigma"] * math.sqrt(1 / len(cand) + 1 / len(best))
+    out = {"diff": diff, "se": se, "dof": nz["dof"], "paired": False, "shown": _mean(best.values())}
+    if set(cand) <= set(best) and nz["dof_paired"] >= PAIRED_MIN_DOF and nz["paired_spread"]:
+        se_p = nz["paired_spread"] / math.sqrt(len(cand))
+        if se_p * t_ppf(0.95, nz["dof_paired"]) < se * t_ppf(0.95, max(nz["dof"], 1)):
+            shown = _mean(best[s] for s in cand)
+            out = {"diff": shown - _mean(cand.values()), "se": se_p, "dof": nz["dof_paired"], "paired": True,
+                   "shown": shown}
+    out["z"] = out["diff"] / out["se"]
+    return out
 
 
-def paired_floor(noise):
-    """The floor of a seed-for-seed comparison, or None while too little of it has been measured."""
-    if noise["floor_paired"] is None or noise["dof_paired"] < PAIRED_MIN_DOF:
-        return None
-    return max(noise["floor_paired"], noise["floor_same"] or 0.0)
+# -----------------------------------------------------------------------------
+# Judging one commit
 
 
-def _runs(runs, means):
-    return f"{len(means)} seed{'s' * (len(means) > 1)}" + (f", {len(runs)} runs" if len(runs) > len(means) else "")
-
-
-def _verdict(verdict, status, line, seed=None, **numbers):
-    return dict(numbers, verdict=verdict, status=status, seed=seed, line=line)
+def _verdict(verdict, status, line, seed=None, evidence_lines=(), **numbers):
+    return dict(numbers, verdict=verdict, status=status, seed=seed, line=line, evidence=list(evidence_lines))
 
 
 def _best_commit(df, commit):
@@ -242,31 +305,21 @@ def _best_commit(df, commit):
     return kept["commit"].iloc[-1] if len(kept) else None
 
 
-def seed_means(runs):
-    """val_bpb per seed (repeats under one seed averaged; a run without a seed counts as its own seed)."""
-    keys = [s if s is not None else f"row {i}" for i, s in zip(runs.index, runs["seed"])]
-    return runs["val_bpb"].groupby(keys, sort=False).mean()
+def _seeds_text(seeds):
+    return ", ".join(f"{s} {v:.6f}" for s, v in seeds.items())
 
 
-def compare(cand, best, noise):
-    """(z, difference of means, standard error, paired) for a candidate's runs against the best's. Each side is
-    the mean over its seeds; seed for seed when they share the initial weights and that noise is measured."""
-    d, pair = _paired_differences(cand, best), paired_floor(noise)
-    if d is not None and pair is not None:
-        diff, se, paired = d.mean(), pair / math.sqrt(len(d)), True
-    else:
-        c, b = seed_means(cand), seed_means(best)
-        diff, se, paired = c.mean() - b.mean(), noise["sigma"] * math.sqrt(1 / len(c) + 1 / len(b)), False
-    z = -diff / se if se > 0 else math.copysign(math.inf, -diff) if diff else 0.0
-    return z, diff, se, paired
+def _plural(n, word):
+    return f"{n} {word}{'s' * (n != 1)}"
 
 
-def judge(df, commit=None, rule="noise", seeds=SEEDS):
-    """The verdict for `commit` (default: the commit of the last row) from everything in results.tsv.
+def judge(df, commit=None, rule="noise"):
+    """The verdict for `commit` (default: the commit of the last decision row) from everything in results.tsv.
 
     Returns a dict: verdict (keep, discard, rerun, crash or refused), status (what the commit's rows say in
     results.tsv: keep, discard or crash), seed (the seed to rerun with, or None), line (one line for the agent,
-    starting with what to do), and the numbers behind it."""
+    starting with what to do), evidence (the lines behind it, for `analysis.py judge`) and the numbers."""
+    df = df[df["verdict"] != "confirm"]
     if df.empty:
         return _verdict("refused", "discard", "refused: results.tsv has no runs yet")
     commit = commit or df["commit"].iloc[-1]
@@ -281,66 +334,162 @@ def judge(df, commit=None, rule="noise", seeds=SEEDS):
                                          "read `tail -n 50 run.log`")
     seed = _int_or_none(str(last["seed"]))
 
-    if commit == df["commit"].iloc[0]:  # the baseline: every seed, then the first seed again
-        like = _conditions(valid.iloc[0])
-        if not len(_comparable(valid.iloc[[-1]], like)):
-            return _verdict("refused", "keep", f"refused: this baseline run used {_describe(_conditions(last))}, its "
-                                               f"first run {_describe(like)}; fix that and rerun with seed {seed}",
-                            seed=seed)
-        runs = _comparable(_results(mine), like)
-        plan = list(seeds) + [seeds[0]]
-        if rule == "noise" and len(runs) < len(plan):
-            return _verdict("rerun", "keep", f"rerun with seed {plan[len(runs)]}: baseline {len(runs)} of "
-                                             f"{len(plan)} runs (seeds {', '.join(map(str, plan))}) to measure the noise",
-                            seed=plan[len(runs)])
-        nz = noise_floor(df, like)
-        floors = "" if nz["floor"] is None else f", noise floor {nz['floor']:.6f} (seed to seed)" + (
-            f", same-seed floor {nz['floor_same']:.6f}" if nz["floor_same"] is not None else "")
-        return _verdict("keep", "keep", f"keep: baseline {commit} {seed_means(runs).mean():.6f} "
-                                        f"({_runs(runs, seed_means(runs))}){floors}", **nz)
+    if commit == df["commit"].iloc[0]:  # the baseline: every seed of BASELINE_SEEDS first
+        like = conditions(_results(mine).iloc[0]) if len(_results(mine)) else conditions(last)
+        if _differs(last, like):
+            return _verdict("refused", "keep", f"refused: this baseline run used {_describe(last, _differs(last, like))}"
+                                               f", its first run {_describe(like, _differs(last, like))}; fix that and "
+                                               f"rerun with seed {seed}", seed=seed)
+        values, _, left_out = evidence(df, like)
+        mine_values = values.get(commit, {})
+        notes = [left_out[r] for r in mine["line"] if r in left_out]
+        missing = [s for s in BASELINE_SEEDS if s not in mine_values]
+        if rule == "noise" and missing:
+            return _verdict("rerun", "keep", f"rerun with seed {missing[0]}: baseline {len(mine_values)} of "
+                                             f"{len(BASELINE_SEEDS)} seeds ({', '.join(map(str, BASELINE_SEEDS))}) to "
+                                             "measure the noise" + "".join(f"; {n}" for n in notes),
+                            seed=missing[0], evidence_lines=notes)
+        nz = noise(values, {})
+        floor = f", noise floor {nz['floor']:.6f} (sigma {nz['sigma']:.6f}, {nz['dof']} dof)" if nz["floor"] else ""
+        return _verdict("keep", "keep", f"keep: baseline {commit} {_mean(mine_values.values()):.6f} "
+                                        f"({_plural(len(mine_values), 'seed')}){floor}" + "".join(f"; {n}" for n in notes),
+                        evidence_lines=notes, **nz)
 
     best_commit = _best_commit(df, commit)
     if best_commit is None:
         return _verdict("refused", "discard", "refused: no kept result to compare with (the baseline has not run)")
-    best = _results(df[df["commit"] == best_commit])
-    like = _conditions(best.iloc[-1])
-    if not len(_comparable(mine.iloc[[-1]], like)):
-        return _verdict("refused", status, f"refused: this run used {_describe(_conditions(last))}, the best "
-                                           f"{best_commit} {_describe(like)}; not comparable: fix that and rerun "
-                                           f"with seed {seed}", seed=seed)
-    cand = _comparable(_results(mine), like)
+    like = conditions(_results(df[df["commit"] == best_commit]).iloc[-1])
+    if _differs(last, like):
+        keys = _differs(last, like)
+        return _verdict("refused", status, f"refused: this run used {_describe(last, keys)}, the best {best_commit} "
+                                           f"{_describe(like, keys)}; not comparable: fix that and rerun with seed "
+                                           f"{seed}", seed=seed)
     if rule == "plain":  # the reference: one run, strictly lower than the best kept val_bpb so far
         kept = _results(df)
         best_bpb = kept.loc[(kept["status"] == "keep") & (kept["commit"] != commit), "val_bpb"].min()
-        v = cand["val_bpb"].iloc[0]
+        v = _results(mine)["val_bpb"].iloc[0]
         verdict = "keep" if v < best_bpb else "discard"
         return _verdict(verdict, verdict, f"{verdict}: {commit} {v:.6f} vs best kept {best_bpb:.6f} "
-                                          f"({v - best_bpb:+.6f}; plain rule: keep only if strictly lower)")
+                                          f"({'better' if v < best_bpb else 'not better'} by {abs(v - best_bpb):.6f}; "
+                                          "plain rule: keep only if strictly lower)")
 
-    nz = noise_floor(df, like, exclude=commit)
+    values, best_before, left_out = evidence(df, like)
+    nz = noise(values, best_before, exclude=commit)
     if nz["sigma"] is None:
-        return _verdict("refused", status, f"refused: no noise floor yet; rerun the baseline {df['commit'].iloc[0]} "
-                                           f"under seeds {', '.join(map(str, seeds))} first")
-    z, diff, se, paired = compare(cand, best, nz)
-    done = set(cand["seed"].dropna())
-    next_seed = next((s for s in seeds if s not in done), None)
-    already_kept = status == "keep"
-    if already_kept or z >= CLEAR_WIN or (next_seed is None and z >= WIN):
-        verdict, status = ("keep", "keep") if next_seed is None else ("rerun", "keep")
-        action = "keep" if next_seed is None else f"rerun with seed {next_seed}: kept, completing its seeds"
-    elif z <= 0 or next_seed is None:
-        verdict, status, action = "discard", "discard", "discard"
+        return _verdict("refused", status, f"refused: no noise measured yet; rerun the baseline "
+                                           f"{df['commit'].iloc[0]} under seeds {', '.join(map(str, BASELINE_SEEDS))} "
+                                           "first")
+    if nz["sigma"] == 0:  # a z over a zero error would be infinite: say what is wrong instead
+        return _verdict("refused", status, "refused: every commit's runs under different seeds scored exactly the same,"
+                                           " so the seed does not reach the initial weights (check AUTORESEARCH_SEED "
+                                           "and SEED in train.py); nothing can be judged")
+    cand, best = values.get(commit, {}), values[best_commit]
+    notes = [left_out[r] for r in mine["line"] if r in left_out]
+    steps = [int(s) for s in _results(mine)["num_steps"] if s is not None]
+    if len(steps) == 2 and abs(steps[0] - steps[1]) > STEP_TOLERANCE * max(steps):
+        notes.append(f"its two runs made {steps[0]} and {steps[1]} steps (a cold start or a busy machine?)")
+    if not cand:
+        return _verdict("rerun", status, f"rerun with seed {seed}: every run of {commit} was left out; "
+                                         + "; ".join(notes), seed=seed, evidence_lines=notes)
+    c = compare(cand, best, nz)
+    z, dof = c["z"], c["dof"]
+    next_seed = next((s for s in SEEDS if s not in cand), None)
+    keep_one, discard_one, keep_two = bar(KEEP_ONE, dof), bar(DISCARD_ONE, dof), bar(KEEP_TWO, dof)
+    one_run_ok = nz["dof_paired"] >= ONE_RUN_KEEP_DOF
+    if status == "keep":  # kept already (by hand, with mark): it stays kept
+        verdict, action, bars = "keep", "keep", "kept by hand"
+    elif len(cand) == 1 and next_seed is not None:
+        bars = f"one run: keep at z >= {keep_one:.2f}, discard at <= {discard_one:.2f}"
+        if z >= keep_one and one_run_ok:
+            verdict, action = "keep", "keep"
+        elif z <= discard_one:
+            verdict, action = "discard", "discard"
+        else:
+            verdict, action = "rerun", f"rerun with seed {next_seed}: " + (
+                "undecided" if z < keep_one else f"promising, but nothing is kept on one run before {ONE_RUN_KEEP_DOF} "
+                                                 f"dof of seed-for-seed noise ({nz['dof_paired']} so far)")
     else:
-        verdict, status, action = "rerun", "discard", f"rerun with seed {next_seed}: undecided"
-    floor = nz["floor"]
-    c, b = seed_means(cand), seed_means(best)
-    line = (f"{action}: {commit} {c.mean():.6f} ({_runs(cand, c)}) vs best {best_commit} {b.mean():.6f} "
-            f"({_runs(best, b)}): {diff:+.6f} = "
-            f"{diff / floor:+.1f} noise floors, z {z:+.1f} "
-            f"({f'seed for seed from the same weights, paired floor {paired_floor(nz):.6f}' if paired else 'unpaired'}); "
-            f"noise floor {floor:.6f}")
-    return _verdict(verdict, status, line, seed=next_seed if verdict == "rerun" else None, z=z, diff=diff, se=se,
-                    paired=paired, best_commit=best_commit, **nz)
+        bars = f"{_plural(len(cand), 'run')}: keep at z >= {keep_two:.2f}"
+        verdict = action = "keep" if z >= keep_two else "discard"
+    status = "keep" if verdict == "keep" else "discard"
+    floors = abs(c["diff"]) / nz["floor"]
+    shown = (f"{c['shown']:.6f} (seed{'s' * (len(cand) > 1)} {', '.join(map(str, cand))}, seed for seed)" if c["paired"]
+             else f"{c['shown']:.6f} ({_plural(len(best), 'seed')})")
+    error = (f"seed for seed, spread {nz['paired_spread']:.6f}" if c["paired"] else f"unpaired, sigma {nz['sigma']:.6f}")
+    line = (f"{action}: {commit} {_mean(cand.values()):.6f} ({_plural(len(cand), 'seed')}) vs best {best_commit} "
+            f"{shown}: {'better' if c['diff'] > 0 else 'worse' if c['diff'] < 0 else 'equal'} by {abs(c['diff']):.6f}"
+            f" = {floors:.1f} noise floors, z {z:+.2f} ({bars}; {error}, {dof} dof)" + "".join(f"; {n}" for n in notes))
+    ev = [f"candidate {commit}: seed {_seeds_text(cand)}",
+          f"best {best_commit}: seed {_seeds_text(best)} (mean {_mean(best.values()):.6f})",
+          f"error: {c['se']:.6f} = " + (f"the seed-for-seed spread {nz['paired_spread']:.6f} / sqrt({len(cand)}), measured on "
+                                        f"{_plural(nz['pairs'], 'commit')} against their best, {nz['dof_paired']} dof"
+                                        if c["paired"] else
+                                        f"sigma {nz['sigma']:.6f} * sqrt(1/{len(cand)} + 1/{len(best)}); sigma pooled "
+                                        f"over {_plural(nz['commits'], 'commit')} with two or more seeds, {nz['dof']} "
+                                        "dof"),
+          f"noise floor {nz['floor']:.6f} (sqrt(2) * sigma); seed-for-seed spread " +
+          (f"{nz['paired_spread']:.6f} on {nz['dof_paired']} dof" if nz["paired_spread"] else "not measured yet") +
+          ("" if c["paired"] else f" (used once it has {PAIRED_MIN_DOF} dof and gives the tighter test)"),
+          f"bars at {dof} dof (normal {KEEP_ONE}, {DISCARD_ONE}, {KEEP_TWO} as t quantiles): one run keep z >= "
+          f"{keep_one:.2f}" + ("" if one_run_ok else f" (once {ONE_RUN_KEEP_DOF} dof seed for seed)") +
+          f", discard z <= {discard_one:.2f}; two runs keep z >= {keep_two:.2f}"] + notes
+    return _verdict(verdict, status, line, seed=next_seed if verdict == "rerun" else None, evidence_lines=ev,
+                    best_commit=best_commit, **dict(nz, **c))
+
+
+# -----------------------------------------------------------------------------
+# Confirming the night's gain
+
+
+def confirmation(df):
+    """The morning's check: the baseline and the best kept commit, each under every seed of CONFIRM_SEEDS.
+
+    Returns None when there is nothing to confirm (no change kept), else a dict: baseline, best, todo [(commit,
+    seed)] in the order to run them, done (how many runs there are), and once every run is in: gain (baseline mean -
+    best mean over the confirmation runs), se, dof, ci (95% interval), paired."""
+    decisions = df[df["verdict"] != "confirm"]
+    results = _results(decisions)
+    if results.empty:
+        return None
+    baseline, best = results["commit"].iloc[0], _best_commit(decisions, None)
+    if best is None or best == baseline:
+        return None
+    like = conditions(_results(decisions[decisions["commit"] == best]).iloc[-1])
+    runs = df[(df["verdict"] == "confirm") & (df["val_bpb"] > 0)]
+    got = {baseline: {}, best: {}}
+    for r in runs.to_dict("records"):
+        if r["commit"] in got and r["seed"] in CONFIRM_SEEDS and not _differs(r, like):
+            got[r["commit"]].setdefault(r["seed"], []).append(r["val_bpb"])
+    got = {c: {s: _mean(v) for s, v in seeds.items()} for c, seeds in got.items()}
+    todo = [(c, s) for s in CONFIRM_SEEDS for c in (baseline, best) if s not in got[c]]
+    out = {"baseline": baseline, "best": best, "seeds": list(CONFIRM_SEEDS), "todo": todo,
+           "done": sum(len(v) for v in got.values()), "needed": 2 * len(CONFIRM_SEEDS), "gain": None}
+    if not todo:
+        values, best_before, _ = evidence(decisions, like)
+        for c in (baseline, best):  # the confirmation runs measure the seed noise too, as commits of their own
+            values[f"{c} (confirmation)"] = got[c]
+        nz = noise(values, best_before)
+        c = compare(got[best], got[baseline], nz)
+        half = t_ppf(0.975, c["dof"]) * c["se"]
+        out.update(gain=c["diff"], se=c["se"], dof=c["dof"], paired=c["paired"], ci=[c["diff"] - half, c["diff"] + half],
+                   floor=nz["floor"])
+    return out
+
+
+def confirmation_line(conf):
+    """The one line `confirm` and `record --confirm` print: what to run next, or the confirmed gain."""
+    if conf is None:
+        return "nothing to confirm: no change has been kept, so the best is the baseline"
+    role = {conf["baseline"]: "baseline", conf["best"]: "best"}
+    if conf["todo"]:
+        commit, seed = conf["todo"][0]
+        return (f"run {commit} with seed {seed}: confirmation {conf['done'] + 1} of {conf['needed']} (the {role[commit]}"
+                f"; baseline {conf['baseline']} and best {conf['best']} under seeds "
+                f"{', '.join(map(str, conf['seeds']))}, which no decision used)")
+    lo, hi = conf["ci"]
+    return (f"confirmed: best {conf['best']} is better than baseline {conf['baseline']} by {conf['gain']:.6f} "
+            f"(95% interval {lo:.6f} to {hi:.6f}; {'seed for seed' if conf['paired'] else 'unpaired'}, "
+            f"{conf['dof']} dof) under seeds {', '.join(map(str, conf['seeds']))}")
 
 # -----------------------------------------------------------------------------
 # Recording a run: run.log -> one row, appended under a lock
@@ -376,15 +525,17 @@ def parse_log(text):
 
 
 def make_row(summary, commit, description):
-    """The results.tsv fields for one run (a crash when the summary has no val_bpb)."""
+    """The results.tsv fields for one run (a crash when the summary has no val_bpb); the verdict is left empty."""
     description = re.sub(r"[\t\r\n]+", " ", description).strip()
     crashed = "val_bpb" not in summary
     try:
         memory_gb = f"{float(summary.get('peak_vram_mb', 0)) / 1024:.1f}"
     except ValueError:
         memory_gb = "0.0"
-    return [commit, "0.000000" if crashed else f"{float(summary['val_bpb']):.6f}", "0.0" if crashed else memory_gb,
-            "crash" if crashed else "discard", description] + [summary.get(k, "") for k in CONDITIONS[:-1]] + [""]
+    row = dict(commit=commit, val_bpb="0.000000" if crashed else f"{float(summary['val_bpb']):.6f}",
+               memory_gb="0.0" if crashed else memory_gb, status="crash" if crashed else "discard",
+               description=description, verdict="", **{k: summary.get(k, "") for k in FROM_SUMMARY})
+    return [row[k] for k in HEADER]
 
 
 @contextmanager
@@ -399,29 +550,54 @@ def locked(path):
         yield
 
 
-def record(tsv, summary, commit, description, rule="noise"):
-    """Appends the run's row to `tsv`, judges its commit, writes the commit's status into all its rows and the
-    verdict into the new one. The file is rewritten whole and renamed into place, under the lock: a reader
-    never sees half a row, and two writers never lose one. Returns (the new row's fields, the verdict)."""
-    row = make_row(summary, commit, description)
+class RecordError(Exception):
+    """A run that cannot be recorded as asked; nothing was written."""
+
+
+def record(tsv, summary, commit, description=None, rule="noise", confirm=False):
+    """Appends the run's row to `tsv` and judges its commit: the commit's status goes into all its rows and the
+    verdict into the new one. With `confirm` the row is a confirmation run (verdict `confirm`): it changes no status
+    and the returned verdict's line says what to confirm next. Without a description, a commit that already has rows
+    reuses its first one. The file is rewritten whole and renamed into place, under the lock: a reader never sees
+    half a row, and two writers never lose one. Returns (the new row's fields, the verdict)."""
     with locked(tsv):
         text = ""
         if os.path.exists(tsv):
             with open(tsv, encoding="utf-8", errors="replace") as f:
                 text = f.read().lstrip("\ufeff")
         lines = text.splitlines()
-        if not lines or lines[0].strip().lower().split("\t") == COLUMNS:  # new, or the reference's five columns
+        header = lines[0].strip().lower().split("\t") if lines else []
+        if not lines or (header[:5] == COLUMNS and header == HEADER[:len(header)]):  # new, or an older header
             lines[:1] = ["\t".join(HEADER)]
+        before, _ = parse_results("\n".join(lines))
+        if description is None:
+            known = before.loc[before["commit"] == commit, "description"]
+            if known.empty:
+                raise RecordError(f"commit {commit} has no row in {tsv} yet: give --description \"<what changed>\"")
+            description = known.iloc[0]
+        row = make_row(summary, commit, description)
+        if confirm:
+            conf = confirmation(before)
+            if conf is None or commit not in (conf["baseline"], conf["best"]):
+                raise RecordError(f"commit {commit} is not one to confirm; `uv run analysis.py confirm` names the "
+                                  "commit and seed to run")
+            row[HEADER.index("status")] = before.loc[before["commit"] == commit, "status"].iloc[-1]
+            row[HEADER.index("verdict")] = "confirm"
+            lines.append("\t".join(row))
+            _replace(tsv, lines)
+            conf = confirmation(parse_results("\n".join(lines))[0])
+            return row, _verdict("confirm", row[3], confirmation_line(conf), confirmation=conf)
         lines.append("\t".join(row))
         df, _ = parse_results("\n".join(lines))
         verdict = judge(df, commit, rule)
         _set_status(lines, df, commit, verdict["status"])
         if row[3] != "crash":
             row[3] = verdict["status"]
-        row[-1] = verdict["verdict"]
+        row[HEADER.index("verdict")] = verdict["verdict"]
         lines[-1] = "\t".join(row)
         _replace(tsv, lines)
     return row, verdict
+
 
 def mark(tsv, commit, status):
     """Sets the status of every result row of `commit` by hand (the simplicity criterion), under the lock."""
@@ -458,14 +634,18 @@ def _replace(tsv, lines):
 
 
 def experiments(df):
-    """One row per commit, in order of first appearance: the experiment's number (0 = baseline), status, its
-    val_bpb (the mean over its seeds; refused runs left out), how many runs, its seeds and the first description."""
+    """One row per commit, in order of first appearance (confirmation runs left out): the experiment's number (0 =
+    baseline), status, its val_bpb (the mean over its seeds; refused runs left out), how many runs, its seeds and the
+    first description."""
     rows = []
+    df = df[df["verdict"] != "confirm"]
     for i, (commit, g) in enumerate(df.groupby("commit", sort=False)):
         runs = _results(g)
+        per_seed = runs.groupby([s if s is not None else f"line {n}" for n, s in zip(runs["line"], runs["seed"])],
+                                sort=False)["val_bpb"].mean()
         status = runs["status"].iloc[-1] if len(runs) else g["status"].iloc[-1]
         rows.append({"experiment": i, "commit": commit, "status": status,
-                     "val_bpb": float(seed_means(runs).mean()) if len(runs) else 0.0,
+                     "val_bpb": float(per_seed.mean()) if len(runs) else 0.0,
                      "memory_gb": float(g["memory_gb"].max()), "runs": len(runs),
                      "seeds": [int(s) for s in runs["seed"] if s is not None],
                      "init_fingerprint": runs["init_fingerprint"].iloc[0] if len(runs) else "",
@@ -479,8 +659,18 @@ def _num(x):
     return None if x is None or (isinstance(x, float) and math.isnan(x)) else float(x)
 
 
+def night_noise(df):
+    """The noise of the night as the judge measures it, under the conditions of the first run with a result."""
+    runs = _results(df)
+    if runs.empty:
+        return dict(noise({}, {}), **{k: None for k in MATCHED})
+    like = conditions(runs.iloc[0])
+    values, best_before, _ = evidence(df, like)
+    return dict(noise(values, best_before), **like)
+
+
 def summarize(df):
-    """Counts, keep rate, noise floor, baseline, best, improvement, the kept list and the top hits, as a
+    """Counts, keep rate, noise, baseline, best, improvement, the kept list, the top hits and the confirmation, as a
     JSON-friendly dict. An experiment is a commit; its val_bpb is the mean of its runs."""
     exps = experiments(df)
     n = len(exps)
@@ -488,9 +678,8 @@ def summarize(df):
     counts["other"] = n - sum(counts.values())  # unknown statuses (warned about when loading)
     results = exps[exps["val_bpb"] > 0]
     kept = results[results["status"] == "keep"]
-    runs = _results(df)
-    like = _conditions(runs.iloc[0]) if len(runs) else None
-    noise = noise_floor(df, like)
+    nz = night_noise(df)
+    floor = nz["floor"]
     # the first experiment is the unmodified baseline; skip leading crashes, which have no result
     baseline = float(results["val_bpb"].iloc[0]) if len(results) else None
     best_row = kept.loc[kept["val_bpb"].idxmin()] if len(kept) else None
@@ -500,37 +689,37 @@ def summarize(df):
     kept_list = [{"experiment": int(r.experiment), "commit": r.commit, "val_bpb": round(float(r.val_bpb), 6),
                   "memory_gb": _num(r.memory_gb), "runs": int(r.runs), "seeds": r.seeds,
                   "description": r.description} for r in kept.itertuples()]
-    fingerprints = dict(zip(kept["commit"], kept["init_fingerprint"]))
-    # each kept experiment after the first, by how much it lowered val_bpb below the previous kept one, in units of
-    # the noise floor that applies (same-seed when both started from the same weights)
+    # each kept experiment after the first, by how much it lowered val_bpb below the previous kept one, in floors
     hits = []
     for prev, k in zip(kept_list, kept_list[1:]):
         gain = round(prev["val_bpb"] - k["val_bpb"], 6)
-        same_init = fingerprints[k["commit"]] != "" and fingerprints[k["commit"]] == fingerprints[prev["commit"]]
-        floor = (paired_floor(noise) if same_init else None) or noise["floor"]
         floors = round(gain / floor, 2) if floor else None
-        hits.append(dict(k, gain=gain, same_init=same_init, gain_floors=floors,
-                         within_noise=floors is not None and floors < 1))
-    for k in kept_list[1:]:
-        k.update({key: h[key] for h in hits if h["commit"] == k["commit"] for key in ("gain", "gain_floors",
-                                                                                       "within_noise")})
+        hits.append(dict(k, gain=gain, gain_floors=floors, within_noise=floors is not None and floors < 1))
+    for k, h in zip(kept_list[1:], hits):
+        k.update(gain=h["gain"], gain_floors=h["gain_floors"], within_noise=h["within_noise"])
     hits.sort(key=lambda h: h["gain"], reverse=True)
+    conf = confirmation(df)
+    if conf is not None:
+        claimed = results.set_index("commit")["val_bpb"]
+        conf = dict(conf, todo=[list(t) for t in conf["todo"]],
+                    claimed=round(float(claimed[conf["baseline"]] - claimed[conf["best"]]), 6))
     return {
         "n_experiments": n,
-        "n_runs": int(len(df)),
+        "n_runs": int((df["verdict"] != "confirm").sum()),
+        "n_confirmation_runs": int((df["verdict"] == "confirm").sum()),
         "counts": counts,
         "keep_rate": counts["keep"] / n if n else None,
-        "noise": dict(noise, device=like[0] if like else None, attention=like[1] if like else None),
+        "noise": nz,
         "baseline_val_bpb": baseline,
         "best_val_bpb": best,
         "best_commit": best_row["commit"] if best_row is not None else None,
         "best_description": best_row["description"] if best_row is not None else None,
         "improvement_abs": improvement,
         "improvement_pct": round(100 * improvement / baseline, 4) if improvement is not None else None,
-        "improvement_floors": round(improvement / noise["floor"], 2) if improvement is not None and noise["floor"]
-        else None,
+        "improvement_floors": round(improvement / floor, 2) if improvement is not None and floor else None,
         "kept": kept_list,
         "top_hits": hits,
+        "confirmation": conf,
     }
 
 
@@ -542,11 +731,10 @@ def format_report(summary):
              + (f", {c['other']} unknown status" if c["other"] else "")
              + (f" (keep rate {100 * s['keep_rate']:.1f}%)" if n else "")]
     if nz["floor"] is not None:
-        lines.append(f"noise floor:      {nz['floor']:.6f} (seed to seed; {nz['dof']} degrees of freedom"
-                     + (f"; same seed {nz['floor_same']:.6f}" if nz["floor_same"] is not None else "")
-                     + (f"; seed for seed from the same weights {nz['floor_paired']:.6f}, {nz['dof_paired']} dof"
-                        if nz["floor_paired"] is not None else "")
-                     + f"; {_describe((nz['device'], nz['attention']))})")
+        lines.append(f"noise floor:      {nz['floor']:.6f} (seed to seed: sqrt(2) * sigma {nz['sigma']:.6f}, "
+                     f"{nz['dof']} degrees of freedom"
+                     + (f"; seed for seed {nz['paired_spread']:.6f}, {nz['dof_paired']} dof" if nz["paired_spread"] else "")
+                     + f"; {_describe(nz)})")
     else:
         lines.append("noise floor:      not measured (no commit has run under two seeds)")
     if s["baseline_val_bpb"] is not None:
@@ -555,7 +743,15 @@ def format_report(summary):
         lines.append(f"best val_bpb:     {s['best_val_bpb']:.6f} ({s['best_commit']}: {s['best_description']})")
         lines.append(f"improvement:      {s['improvement_abs']:.6f} ({s['improvement_pct']:.2f}%"
                      + (f", {s['improvement_floors']:.1f} noise floors" if s["improvement_floors"] is not None else "")
-                     + ")")
+                     + "), as claimed by the decision runs")
+    conf = s["confirmation"]
+    if conf is not None and conf["gain"] is not None:
+        lines.append(f"confirmed gain:   {conf['gain']:.6f} (95% interval {conf['ci'][0]:.6f} to {conf['ci'][1]:.6f}; "
+                     f"claimed {conf['claimed']:.6f}; {conf['best']} against {conf['baseline']} under seeds "
+                     f"{', '.join(map(str, conf['seeds']))})")
+    elif conf is not None:
+        lines.append(f"confirmed gain:   not yet ({conf['done']} of {conf['needed']} confirmation runs; "
+                     "`uv run analysis.py confirm` says what to run)")
     if s["kept"]:
         lines += ["", "kept experiments (val_bpb: mean of the runs; gain over the previous kept one, in noise floors;"
                       " ~ marks a gain within the noise):",
@@ -629,6 +825,10 @@ def plot_progress(df, path):
         if floor:
             ax.fill_between(x, [v - floor for v in y], [v + floor for v in y], step="post", color="#2ca02c",
                             alpha=0.12, lw=0, label=f"noise floor ±{floor:.4f}", zorder=1)
+        confirm = df[(df["verdict"] == "confirm") & (df["val_bpb"] > 0)].assign(x=lambda d: d["commit"].map(number))
+        if len(confirm):  # drawn a little to the right of their commit: seeds no decision used
+            ax.scatter(confirm["x"] + 0.25, confirm["val_bpb"].clip(upper=yhi), marker="D", s=20, facecolors="none",
+                       edgecolors="#1f3d99", label="confirmation runs", zorder=4)
         for r in kept.itertuples():
             label = r.description if len(r.description) <= 45 else r.description[:44] + "…"
             ax.annotate(label, (r.experiment, r.val_bpb), xytext=(4, 6), textcoords="offset points", fontsize=8,
@@ -637,7 +837,7 @@ def plot_progress(df, path):
     ax.set_xlim(-1, max(len(exps), 2))
     ax.set_xlabel("experiment # (one commit; several points where it ran under several seeds)")
     ax.set_ylabel("val_bpb (lower is better)")
-    ax.set_title(f"autoresearch: {len(exps)} experiments ({len(df)} runs), {c['keep']} kept, {c['discard']} "
+    ax.set_title(f"autoresearch: {len(exps)} experiments ({summary['n_runs']} runs), {c['keep']} kept, {c['discard']} "
                  f"discarded, {c['crash']} crashed" + (f"; noise floor {floor:.4f}" if floor else ""))
     ax.grid(alpha=0.3)
     ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1), fontsize=9)  # outside: it would hide runs
@@ -664,10 +864,13 @@ def check_integrity(repo_dir, df):
     kept = exps[(exps["status"] == "keep") & (exps["val_bpb"] > 0) & (exps["experiment"] > 0)]
     try:
         inside = _git(repo_dir, "rev-parse", "--is-inside-work-tree").stdout.strip() == "true"
-    except (FileNotFoundError, NotADirectoryError):  # no git, or no such directory
-        inside = False
+        why = f"{repo_dir} is not a git repository"
+    except FileNotFoundError:  # no git on PATH
+        inside, why = False, "git is not on PATH"
+    except NotADirectoryError:
+        inside, why = False, f"{repo_dir} is not a directory"
     if not inside:
-        message = f"integrity: not checked ({repo_dir} is not a git repository)"
+        message = f"integrity: not checked ({why})"
         return {"checked": 0, "problems": [], "notes": [message], "message": message}
     for commit in kept["commit"]:
         if not re.fullmatch(r"[0-9a-fA-F]{4,40}", commit):
@@ -703,21 +906,31 @@ def check_integrity(repo_dir, df):
 
 
 def _git_head(cwd="."):
+    """The short hash of HEAD; None outside a repository; FileNotFoundError when git is not on PATH."""
     r = subprocess.run(["git", "-C", cwd, "rev-parse", "--short=7", "HEAD"], capture_output=True, text=True)
     return r.stdout.strip() if r.returncode == 0 else None
 
 
+def _error(message):
+    print(f"error: {message}", file=sys.stderr)
+    return 1
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description="Record, judge and report autoresearch runs (results.tsv).")
-    parser.add_argument("command", nargs="?", default="report", choices=("report", "record", "judge", "mark"),
-                        help="report (default); record a run from its log; judge the latest commit again; mark the "
-                             "latest commit keep or discard by hand (the simplicity criterion)")
+    parser.add_argument("command", nargs="?", default="report", choices=("report", "record", "judge", "confirm", "mark"),
+                        help="report (default); record a run from its log; judge the latest commit again, with the "
+                             "evidence; confirm: the next confirmation run, or the confirmed gain; mark the latest "
+                             "commit keep or discard by hand (the simplicity criterion)")
     parser.add_argument("--tsv", default="results.tsv", help="path to results.tsv (default: results.tsv)")
     parser.add_argument("--json", action="store_true", help="report: print the summary, warnings and integrity as JSON")
     parser.add_argument("--plot", metavar="PATH", help="report: write the progress figure (PNG) to PATH")
     parser.add_argument("--log", default="run.log", help="record: the run's log (default: run.log)")
-    parser.add_argument("--description", help="record: what the experiment tried (no tabs)")
-    parser.add_argument("--commit", help="record, judge: the commit (default: git HEAD here; judge: the last row's)")
+    parser.add_argument("--description", help="record: what the experiment tried (no tabs; a rerun reuses the "
+                                              "commit's)")
+    parser.add_argument("--confirm", action="store_true", help="record: a confirmation run (changes no status)")
+    parser.add_argument("--commit", help="record, judge, mark: the commit (default: git HEAD; judge, mark: the last "
+                                         "row's)")
     parser.add_argument("--status", choices=("keep", "discard"), help="mark: the commit's new status")
     parser.add_argument("--rule", choices=RULES, default=os.environ.get("AUTORESEARCH_RULE", "noise"),
                         help="noise (default) or plain, the reference's one-run rule (env AUTORESEARCH_RULE)")
@@ -726,40 +939,42 @@ def main(argv=None):
         parser.error(f"AUTORESEARCH_RULE={args.rule!r}: use noise or plain")
 
     if args.command == "record":
-        if not args.description:
-            parser.error("record needs --description \"<what changed>\"")
         if not os.path.isfile(args.log):
-            print(f"error: {args.log}: no such file; run `uv run train.py > run.log 2>&1` first", file=sys.stderr)
-            return 1
-        commit = args.commit or _git_head()
+            return _error(f"{args.log}: no such file; run `uv run train.py > run.log 2>&1` first")
+        try:
+            commit = args.commit or _git_head()
+        except FileNotFoundError:
+            return _error("git is not on PATH; install git (or give --commit <hash>)")
         if not commit:
-            print("error: not in a git repository; run from the repository (or give --commit)", file=sys.stderr)
-            return 1
+            return _error("not in a git repository; run from the repository (or give --commit)")
         with open(args.log, encoding="utf-8", errors="replace") as f:
             summary = parse_log(f.read())
         try:
-            _, verdict = record(args.tsv, summary, commit, args.description, args.rule)
+            _, verdict = record(args.tsv, summary, commit, args.description, args.rule, confirm=args.confirm)
+        except RecordError as e:
+            return _error(str(e))
         except OSError as e:
-            print(f"error: cannot write {args.tsv}: {e}", file=sys.stderr)
-            return 1
+            return _error(f"cannot write {args.tsv}: {e}")
         print(verdict["line"])
         return 0
 
     try:
         df, warnings = load_results(args.tsv)
     except OSError as e:
-        print(f"error: {e}" if str(args.tsv) in str(e) else f"error: {args.tsv}: {e}", file=sys.stderr)
-        return 1
+        return _error(f"{e}" if str(args.tsv) in str(e) else f"{args.tsv}: {e}")
     if args.command == "judge":
-        print(judge(df, args.commit, args.rule)["line"])
+        verdict = judge(df, args.commit, args.rule)
+        print("\n".join([verdict["line"]] + [f"  {e}" for e in verdict["evidence"]]))
+        return 0
+    if args.command == "confirm":
+        print(confirmation_line(confirmation(df)))
         return 0
     if args.command == "mark":
         if not args.status:
             parser.error("mark needs --status keep or --status discard")
         commit = args.commit or (df["commit"].iloc[-1] if len(df) else None)
         if commit is None or not (df["commit"] == commit).any():
-            print(f"error: {args.tsv}: no row for commit {commit}", file=sys.stderr)
-            return 1
+            return _error(f"{args.tsv}: no row for commit {commit}")
         mark(args.tsv, commit, args.status)
         print(f"{args.status}: {commit} marked by hand")
         return 0
@@ -782,8 +997,7 @@ def main(argv=None):
         try:
             written = plot_progress(df, args.plot)
         except OSError as e:
-            print(f"error: cannot write {args.plot}: {e}", file=sys.stderr)
-            return 1
+            return _error(f"cannot write {args.plot}: {e}")
         print(f"wrote {args.plot}" if written else f"no results to plot yet; {args.plot} not written", file=log)
     return 0
 

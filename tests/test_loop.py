@@ -44,16 +44,17 @@ TINY_SETTINGS = """\
 # program.md's commands
 
 
-def bash_blocks():
-    text = (ROOT / "program.md").read_text()
+def bash_blocks(path="program.md"):
+    """The bash blocks of an instructions file (program.md, docs/program-multi-gpu.md), each once."""
+    text = (ROOT / path).read_text()
     blocks = [textwrap.dedent(m.group(2)) for m in re.finditer(r"^( *)```bash\n(.*?)^\1```", text, re.M | re.S)]
-    return list(dict.fromkeys(blocks))  # the grep block is shown twice, word for word
+    return list(dict.fromkeys(blocks))
 
 
-def block(*needles):
-    """The one bash block in program.md that contains every needle."""
-    found = [b for b in bash_blocks() if all(n in b for n in needles)]
-    assert len(found) == 1, f"program.md: expected one bash block containing {needles}, found {len(found)}"
+def block(*needles, path="program.md"):
+    """The one bash block in `path` that contains every needle."""
+    found = [b for b in bash_blocks(path) if all(n in b for n in needles)]
+    assert len(found) == 1, f"{path}: expected one bash block containing {needles}, found {len(found)}"
     return found[0]
 
 
