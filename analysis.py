@@ -54,12 +54,12 @@ RULES = ("noise", "plain")
 
 BASELINE_SEEDS = (42, 43, 44, 45)  # the baseline runs under each before any idea is judged (3 dof of noise)
 SEEDS = (42, 43)                   # a candidate's first run, and its one rerun when the verdict asks for it
-CONFIRM_SEEDS = (1001, 1002, 1003)  # the morning's confirmation of baseline and best: seeds no decision used
+CONFIRM_SEEDS = (1001, 1002)  # the morning's confirmation of baseline and best: seeds no decision used
 # The bars, as normal quantiles (each is used as the t quantile of the same tail probability). Tuned for true
 # progress per run with tests/benchmark_decisions.py --seed 1; its default draws (--seed 0) report them.
 KEEP_ONE = 1.7          # z that keeps after one run
 DISCARD_ONE = 1.2       # z at or below which one run discards
-KEEP_TWO = 1.5          # z that keeps after two runs
+KEEP_TWO = 1.6          # z that keeps after two runs
 ONE_RUN_KEEP_DOF = 4    # seed-for-seed degrees of freedom measured before anything is kept on one run
 PAIRED_MIN_DOF = 2      # seed-for-seed degrees of freedom before a comparison may use them
 STEP_TOLERANCE = 0.05   # a run more than 5% off its commit's median num_steps is left out (a cold or busy machine)

@@ -237,13 +237,11 @@ class GPT(nn.Module):
 
     def num_params(self):
         """Parameter counts by kind; the kinds sum to the total."""
-        counts = {
-            "wte": self.transformer.wte.weight.numel(),
-            "value_embeds": sum(p.numel() for p in self.value_embeds.parameters()),
-            "lm_head": self.lm_head.weight.numel(),
-            "transformer_matrices": sum(p.numel() for p in self.transformer.h.parameters()),
-            "scalars": self.resid_lambdas.numel() + self.x0_lambdas.numel(),
-        }
+        counts = {"wte": self.transformer.wte.weight.numel(),
+                  "value_embeds": sum(p.numel() for p in self.value_embeds.parameters()),
+                  "lm_head": self.lm_head.weight.numel(),
+                  "transformer_matrices": sum(p.numel() for p in self.transformer.h.parameters()),
+                  "scalars": self.resid_lambdas.numel() + self.x0_lambdas.numel()}
         counts["total"] = sum(counts.values())
         assert counts["total"] == sum(p.numel() for p in self.parameters()), counts
         return counts
@@ -370,9 +368,7 @@ class MuonAdamW(torch.optim.Optimizer):
                 continue
             state = self.state[p]
             if not state:
-                state["step"] = 0
-                state["exp_avg"] = torch.zeros_like(p)
-                state["exp_avg_sq"] = torch.zeros_like(p)
+                state.update(step=0, exp_avg=torch.zeros_like(p), exp_avg_sq=torch.zeros_like(p))
             state["step"] += 1
             t = self._set(step=state["step"], lr=group["lr"], beta1=group["betas"][0], beta2=group["betas"][1],
                           eps=group["eps"], wd=group["weight_decay"])
@@ -399,10 +395,7 @@ class MuonAdamW(torch.optim.Optimizer):
     @torch.no_grad()
     def step(self):
         for group in self.param_groups:
-            if group["kind"] == "adamw":
-                self._step_adamw(group)
-            else:
-                self._step_muon(group)
+            (self._step_adamw if group["kind"] == "adamw" else self._step_muon)(group)
 
 # -----------------------------------------------------------------------------
 # Hyperparameters (edit these directly: no CLI flags)
@@ -506,8 +499,7 @@ def lr_multiplier(progress):
 
 
 def muon_momentum(step):
-    frac = min(step / 300, 1.0)
-    return (1 - frac) * 0.85 + frac * 0.95
+    return 0.85 + 0.10 * min(step / 300, 1.0)  # 0.85 -> 0.95 over the first 300 steps
 
 
 def muon_weight_decay(progress):

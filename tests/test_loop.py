@@ -1,10 +1,11 @@
 """
 program.md's experiment loop played end to end, as an agent would: the shell commands in program.md's bash
 blocks, run as written, in order, in a throwaway git repository (a copy of this repo's tracked files) with
-the tiny prepared data, doing what each verdict says. The baseline runs under its seeds (42, 43, 44, then 42
-again); an edit within the noise is rerun under seeds 43 and 44 and then discarded; a broken edit crashes.
-Then results.tsv, git and analysis.py are checked. When the instructions drift away from what works, this
-test breaks.
+the tiny prepared data, doing what each verdict says: the baseline under its four seeds, an edit that beats it by
+far more than the noise (kept after its second run), an edit that ruins training (discarded after one), a broken
+edit (a crash), and the morning's confirmation. Then results.tsv, git and analysis.py are checked. What it asserts
+about verdicts follows from effects it controls, so it holds on any CPU. When the instructions drift away from what
+works, this test breaks.
 
 Run: uv run pytest tests/test_loop.py
 """
@@ -22,21 +23,23 @@ import pytest
 from conftest import ROOT
 
 TAG = "loop1"
-HEADER = "commit\tval_bpb\tmemory_gb\tstatus\tdescription\tseed\tnum_steps\tattention\tdevice\tinit_fingerprint\tverdict\n"
+HEADER = ("commit\tval_bpb\tmemory_gb\tstatus\tdescription\tseed\tnum_steps\tattention\tdevice\tinit_fingerprint"
+          "\tverdict\ttime_budget\teval_tokens\n")
 
 # A budget shorter than one step: train.py always runs its 11 uncounted warm-up steps, then stops after the
-# first counted one. Every run is then exactly 12 steps on any machine, however busy, so val_bpb is the same
-# number on every rerun and the keep/discard decisions below are facts, not a race against the clock. Like
-# the real 5 minutes, it is the same for every experiment (an environment variable, not part of train.py).
+# first counted one. Every run is then exactly 12 steps on any machine, however busy. Like the real 5 minutes, it is
+# the same for every experiment (an environment variable, not part of train.py).
 TIME_BUDGET = "0.01"
 EVAL_TOKENS = 2048  # one evaluation batch of the scaled-down DEVICE_BATCH_SIZE below (1 x 2048)
 
 # Appended to train.py's small-machine block and committed on main before the agent starts: this stands for
-# the repo's own train.py, scaled down further so that one experiment takes seconds on a CPU.
+# the repo's own train.py, scaled down further so that one experiment takes seconds on a CPU, and started with
+# learning rates 30x too small, so that the agent's first idea (deleting that line) wins by far more than the noise.
 TINY_SETTINGS = """\
     # tests/test_loop.py: scaled down further, one 2048-token sequence per step, width 64
     DEPTH, ASPECT_RATIO, HEAD_DIM = 2, 32, 32
     TOTAL_BATCH_SIZE, DEVICE_BATCH_SIZE = 2048, 1
+    EMBEDDING_LR, UNEMBEDDING_LR, MATRIX_LR, SCALAR_LR = 0.02, 0.0001, 0.001, 0.02  # a slow start
 """
 
 
@@ -58,23 +61,26 @@ def block(*needles, path="program.md"):
     return found[0]
 
 
-def run_block(rerun=False):
-    found = [b for b in bash_blocks() if "uv run train.py > run.log 2>&1" in b and ("AUTORESEARCH_SEED=<seed>" in b) == rerun]
-    assert len(found) == 1, f"program.md: expected one {'rerun' if rerun else 'run'} block, found {len(found)}"
-    command = found[0]
-    # `uv run` here would build a second virtual environment inside the throwaway repo (slow, and it may
-    # want the network); the interpreter running this test already is the project's environment.
-    assert command.count("uv run ") == 1, command
+def without_uv(command):
+    """A block with `uv run` replaced by this test's interpreter: `uv run` here would build a second virtual
+    environment inside the throwaway repo (slow, and it may want the network), and the interpreter running this test
+    already is the project's environment. Where `timeout` is missing, program.md says to run without it."""
     command = command.replace("uv run ", shlex.quote(sys.executable) + " ")
-    if shutil.which("timeout") is None:  # program.md: where `timeout` is missing, run without it
-        command = command.replace("timeout 600 ", "")
-    return command
+    return command.replace("timeout 600 ", "") if shutil.which("timeout") is None else command
 
 
-def uv_block(*needles):
-    command = block(*needles)
+def uv_block(*needles, path="program.md"):
+    command = block(*needles, path=path)
     assert command.count("uv run ") == 1, command
-    return command.replace("uv run ", shlex.quote(sys.executable) + " ")  # same reason as in run_block
+    return without_uv(command)
+
+
+def run_block(rerun=False):
+    """Loop step 4, or step 8's rerun under a seed: the one-line block that runs train.py."""
+    found = [b for b in bash_blocks() if b.strip().endswith("uv run train.py > run.log 2>&1") and "\n" not in b.strip()
+             and ("AUTORESEARCH_SEED=<seed>" in b) == rerun]
+    assert len(found) == 1, f"program.md: expected one {'rerun' if rerun else 'run'} block, found {len(found)}"
+    return without_uv(found[0])
 
 
 class Agent:
@@ -112,7 +118,8 @@ class Agent:
         run = self.sh(run_block(rerun=seed is not None), check=False, timeout=900, **placeholders)
         grep = self.sh(block('grep "^val_bpb:'), check=False)
         tail = self.sh(block("tail -n 50 run.log")).stdout if not grep.stdout.strip() else None
-        verdict = self.sh(uv_block("analysis.py record"), timeout=120, description=description).stdout.strip()
+        verdict = self.sh(uv_block("analysis.py record --description"), timeout=120,
+                          description=description).stdout.strip()
         summary = dict(line.split(":", 1) for line in grep.stdout.splitlines())
         return {"rc": run.returncode, "grep": grep.stdout, "tail": tail, "verdict": verdict,
                 "summary": {k: v.strip() for k, v in summary.items()},
@@ -127,8 +134,20 @@ class Agent:
         return results
 
     def reset(self):
-        """Loop step 9."""
+        """Loop step 8, discard or crash."""
         self.sh(block("git reset --hard"))
+
+    def confirm(self):
+        """"Confirming the gain": ask what to run, run it, record it, until it says confirmed. Returns the lines."""
+        said = []
+        while True:
+            line = self.sh(uv_block("uv run analysis.py confirm")).stdout.strip()
+            said.append(line)
+            m = re.match(r"run (\w+) with seed (\d+): ", line)
+            if not m:
+                return said
+            out = self.sh(without_uv(block("record --confirm")), timeout=300, commit=m.group(1), seed=m.group(2))
+            said.append(out.stdout.strip())
 
 
 def edit(repo, pattern, replacement):
@@ -197,7 +216,8 @@ def agent_env(cache):
 # The loop
 
 
-def test_agent_follows_program_md_through_the_baseline_seeds_a_rerun_and_a_crash(prepared_cache, tmp_path):
+def test_agent_follows_program_md_through_the_baseline_a_win_a_loss_a_crash_and_the_confirmation(prepared_cache,
+                                                                                                 tmp_path):
     repo = tmp_path / "repo"
     repo.mkdir()
     env = agent_env(prepared_cache)
@@ -218,28 +238,35 @@ def test_agent_follows_program_md_through_the_baseline_seeds_a_rerun_and_a_crash
     agent.sh(block("printf 'commit"))
     assert (repo / "results.tsv").read_text() == HEADER
 
-    # Baseline: train.py as it is on the new branch, no edit, no commit; the verdicts ask for its seeds
+    # The baseline: train.py as it is on the new branch, no edit, no commit; the verdicts ask for its seeds
     assert agent.where() == (f"autoresearch/{TAG}", agent.git("log", "--oneline", "-n", "1"))
     baseline = agent.experiment("baseline")
     assert [r["verdict"].split(":")[0] for r in baseline] == ["rerun with seed 43", "rerun with seed 44",
-                                                              "rerun with seed 42", "keep"], baseline[-1]["log"]
+                                                              "rerun with seed 45", "keep"], baseline[-1]["log"]
     assert all(r["rc"] == 0 and r["tail"] is None and set(r["summary"]) == {"val_bpb", "peak_vram_mb"}
                for r in baseline), baseline[-1]["log"]
     assert baseline[-1]["verdict"].startswith(f"keep: baseline {main_head} ")
-    assert baseline[0]["summary"]["val_bpb"] == baseline[3]["summary"]["val_bpb"]  # seed 42 twice: 12 steps each
 
-    # An edit within the noise: a higher Muon learning rate from the same initial weights. Measured on a CPU
-    # with the settings above: MATRIX_LR 0.05 gives 1.4053, 1.4097, 1.4147 under seeds 42, 43, 44 against the
-    # baseline's 1.4316, 1.3991, 1.4069, so its first run is better but within the noise, and the mean of
-    # three is no better than the baseline's.
-    set_constant(repo, "MATRIX_LR", "0.05")
-    edit_commit = agent.commit("MATRIX_LR 0.05")
-    tried = agent.experiment("MATRIX_LR 0.05")
-    assert [r["verdict"].split(":")[0] for r in tried] == ["rerun with seed 43", "rerun with seed 44", "discard"], \
-        [r["verdict"] for r in tried]
-    assert tried[0]["verdict"].startswith(f"rerun with seed 43: undecided: {edit_commit} ")
-    agent.reset()  # step 8, discard
-    assert agent.where()[1].split()[0] == main_head
+    # A win by far more than the noise: the learning rates back to train.py's own (the slow start deleted). Nothing
+    # is kept on one run before the seed-for-seed noise is measured, so it runs under seed 43 too, then is kept.
+    edit(repo, r"^    EMBEDDING_LR, UNEMBEDDING_LR, MATRIX_LR, SCALAR_LR = .*\n", "")
+    win = agent.commit("learning rates back to the defaults")
+    won = agent.experiment("learning rates back to the defaults")
+    assert [r["verdict"].split(":")[0] for r in won] == ["rerun with seed 43", "keep"], [r["verdict"] for r in won]
+    assert won[0]["verdict"].startswith(f"rerun with seed 43: promising, but nothing is kept on one run before 4 dof "
+                                        f"of seed-for-seed noise (0 so far): {win} ")
+    assert all(float(r["summary"]["val_bpb"]) < min(float(b["summary"]["val_bpb"]) for b in baseline) for r in won)
+    assert agent.where()[1].split()[0] == win  # kept: the branch has advanced
+
+    # A loss by far more than the noise: no learning at all. Discarded after one run, reset.
+    edit(repo, r"^(    DEPTH, ASPECT_RATIO, HEAD_DIM = 2, 32, 32\n)", r"\g<1>    EMBEDDING_LR = UNEMBEDDING_LR = "
+                                                                   r"MATRIX_LR = SCALAR_LR = 0.0\n")
+    loss = agent.commit("learning rates to zero")
+    lost = agent.experiment("learning rates to zero")
+    assert len(lost) == 1 and lost[0]["verdict"].startswith(f"discard: {loss} "), lost[0]["verdict"]
+    assert " worse by " in lost[0]["verdict"]
+    agent.reset()
+    assert agent.where()[1].split()[0] == win
 
     # A broken edit: the model's forward raises; the grep is empty, the tail shows why, the verdict is crash
     edit(repo, r"^(    def forward\(self, idx\b.*\n)", r'\g<1>        raise RuntimeError("boom: broken experiment")\n')
@@ -249,28 +276,33 @@ def test_agent_follows_program_md_through_the_baseline_seeds_a_rerun_and_a_crash
     assert crashed[0]["rc"] != 0 and crashed[0]["grep"] == ""
     assert "RuntimeError: boom: broken experiment" in crashed[0]["tail"], crashed[0]["tail"]
     agent.reset()
-    assert agent.where() == (f"autoresearch/{TAG}", agent.git("log", "--oneline", "-n", "1"))
-    assert agent.git("rev-parse", "--short=7", "HEAD") == main_head
+    assert agent.git("rev-parse", "--short=7", "HEAD") == win
+
+    # The morning: the baseline and the best under the confirmation seeds, then back on the branch
+    said = agent.confirm()
+    assert said[0].startswith(f"run {main_head} with seed 1001: confirmation 1 of 4 (the baseline"), said
+    assert said[-1].startswith(f"confirmed: best {win} is better than baseline {main_head} by "), said
+    agent.sh(block("git checkout autoresearch/<tag>"), tag=TAG)
+    assert agent.git("branch", "--show-current") == f"autoresearch/{TAG}" and agent.where()[1].split()[0] == win
 
     # results.tsv, row by row: one per run, the commit's status on all its rows, each run's conditions
     lines = (repo / "results.tsv").read_text().splitlines(keepends=True)
-    assert lines[0] == HEADER and len(lines) == 1 + 4 + 3 + 1, lines
+    assert lines[0] == HEADER and len(lines) == 1 + 4 + 2 + 1 + 1 + 4, lines
     rows = [line.rstrip("\n").split("\t") for line in lines[1:]]
-    assert all(line.endswith("\n") and "\r" not in line and len(row) == 11 for line, row in zip(lines[1:], rows))
-    runs = baseline + tried + crashed
-    assert [r[0] for r in rows] == [main_head] * 4 + [edit_commit] * 3 + [broken]
-    assert [r[3] for r in rows] == ["keep"] * 4 + ["discard"] * 3 + ["crash"]
-    assert [r[4] for r in rows] == ["baseline"] * 4 + ["MATRIX_LR 0.05"] * 3 + ["broken forward"]
-    assert [r[5] for r in rows] == ["42", "43", "44", "42", "42", "43", "44", "42"]
-    assert [r[10] for r in rows] == ["rerun"] * 3 + ["keep", "rerun", "rerun", "discard", "crash"]
-    for row, result in zip(rows[:7], runs):
+    assert all(line.endswith("\n") and "\r" not in line and len(row) == 13 for line, row in zip(lines[1:], rows))
+    assert [r[0] for r in rows] == [main_head] * 4 + [win] * 2 + [loss, broken] + [main_head, win] * 2
+    assert [r[3] for r in rows] == ["keep"] * 6 + ["discard", "crash"] + ["keep"] * 4  # confirmations change none
+    assert [r[5] for r in rows] == ["42", "43", "44", "45", "42", "43", "42", "42", "1001", "1001", "1002", "1002"]
+    assert [r[10] for r in rows] == ["rerun"] * 3 + ["keep", "rerun", "keep", "discard", "crash"] + ["confirm"] * 4
+    assert [r[4] for r in rows][-4:] == ["baseline", "learning rates back to the defaults"] * 2  # reused
+    for row, result in zip(rows[:7], baseline + won + lost):
         assert re.fullmatch(r"\d+\.\d{6}", row[1]) and row[1] == f"{float(result['summary']['val_bpb']):.6f}", row
         assert row[2] == f"{float(result['summary']['peak_vram_mb']) / 1024:.1f}", row
         assert row[6] == "12" and row[7:9] == ["sdpa", "cpu"] and re.fullmatch(r"[0-9a-f]{12}", row[9]), row
+        assert row[11:] == [TIME_BUDGET, str(EVAL_TOKENS)], row
     assert rows[7][1:3] == ["0.000000", "0.0"]
-    # the fingerprint names the initial weights: one per seed, shared by the learning-rate edit
-    assert rows[0][9] == rows[3][9] == rows[4][9] and len({rows[i][9] for i in range(3)}) == 3
-    assert [r[9] for r in rows[4:7]] == [r[9] for r in rows[:3]]
+    # per-name initialisation: the learning-rate edits change no initial weight, so each seed has one fingerprint
+    assert rows[0][9] == rows[4][9] == rows[6][9] and rows[1][9] == rows[5][9] and len({r[9] for r in rows[:4]}) == 4
 
     # results.tsv and run.log stay untracked (git-ignored); nothing else is left behind
     assert agent.git("ls-files", "results.tsv", "run.log") == ""
@@ -280,7 +312,8 @@ def test_agent_follows_program_md_through_the_baseline_seeds_a_rerun_and_a_crash
 
     # program.md's progress check: analysis.py reads the same results.tsv and git history
     out = agent.sh(uv_block("uv run analysis.py\n"), timeout=300).stdout
-    assert "3 experiments (8 runs): 1 keep, 1 discard, 1 crash" in out, out
-    assert re.search(r"noise floor: +0\.0\d{5} \(seed to seed; 4 degrees of freedom; same seed 0\.000000", out), out
-    assert "integrity: nothing to check" in out, out
+    assert "4 experiments (8 runs): 2 keep, 1 discard, 1 crash" in out, out
+    assert re.search(r"noise floor: +\d\.\d{6} \(seed to seed: sqrt\(2\) \* sigma \d\.\d{6}, 4 degrees of freedom", out), out
+    assert re.search(r"confirmed gain: +\d\.\d{6} \(95% interval ", out), out
+    assert "integrity: ok (1 kept commits checked)" in out, out
     assert agent.sh("git status --porcelain").stdout == ""  # it wrote nothing into the repo
