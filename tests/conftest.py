@@ -133,14 +133,15 @@ def hub(tmp_path):
 
 
 def script_env(cache, endpoint=None, extra_env=None):
-    """The environment a script runs in under test: the cache in `cache`, no network, fast retries, unbuffered."""
+    """The environment a script runs in under test: the cache in `cache`, no network, fast retries, unbuffered.
+    A value of None in `extra_env` removes that variable (e.g. AUTORESEARCH_BACKOFF_S: the user's back-off)."""
     env = {k: v for k, v in os.environ.items() if not k.startswith(("AUTORESEARCH_", "HF_"))}
     env["AUTORESEARCH_CACHE_DIR"] = str(cache)
     env["HF_ENDPOINT"] = endpoint or "http://127.0.0.1:9"  # closed port: nothing leaks to the internet
     env["AUTORESEARCH_BACKOFF_S"] = "0.05"
     env["PYTHONUNBUFFERED"] = "1"
     env.update(extra_env or {})
-    return env
+    return {k: v for k, v in env.items() if v is not None}
 
 
 def run_script(script, *args, cache, endpoint=None, timeout=300, extra_env=None):

@@ -11,15 +11,18 @@ import itertools
 import math
 import os
 import shutil
+import socket
 import subprocess
 import sys
 import threading
+import time
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+import requests
 import torch
 import torch.nn.functional as F
 
@@ -543,9 +546,12 @@ def failed_runs(prepared_cache, tmp_path_factory):
         shutil.copytree(prepared_cache, cache)
         breaks(cache)
         jobs[breaks.__name__] = (cache, functools.partial(run_train, cache))
-    for name, num_shards in [("unreachable_hub", "2"), ("zero_shards", "0")]:  # HF_ENDPOINT is a closed port
-        cache = root / name
-        jobs[name] = (cache, functools.partial(run_script, "prepare.py", "--num-shards", num_shards, cache=cache))
+    cache = root / "zero_shards"
+    jobs["zero_shards"] = (cache, functools.partial(run_script, "prepare.py", "--num-shards", "0", cache=cache))
+    for name, endpoint in [("connection_refused", closed_port_url()), ("name_not_resolved", "http://data.invalid")]:
+        cache = root / name  # the user's default back-off: a retry per shard would take minutes, not seconds
+        jobs[name] = (cache, functools.partial(timed, run_script, "prepare.py", cache=cache, endpoint=endpoint,
+                                               extra_env={"AUTORESEARCH_BACKOFF_S": None}))
     hub = Hub(root / "garbage_hub")
     make_shards(hub.shard_dir)
     (hub.shard_dir / "shard_00001.parquet").write_bytes(b"<html>rate limited</html>" * 100)
@@ -565,6 +571,21 @@ def failed_runs(prepared_cache, tmp_path_factory):
     finally:
         hub.close()
         tiny_hub.close()
+
+
+def closed_port_url():
+    """http://127.0.0.1:<a port that was just free>: connecting to it is refused."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return f"http://127.0.0.1:{s.getsockname()[1]}"
+
+
+def timed(run, *args, **kwargs):
+    """run(*args, **kwargs), its wall-clock seconds in .seconds."""
+    t0 = time.monotonic()
+    result = run(*args, **kwargs)
+    result.seconds = time.monotonic() - t0
+    return result
 
 
 def short_notes(shard, n_docs=40):
@@ -613,15 +634,37 @@ def test_unreadable_shard_fails_naming_it_and_saying_delete_and_rerun(failed_run
     assert_one_line_error(result, str(shard), "Delete it and re-run `uv run prepare.py`")
 
 
-def test_prepare_with_an_unreachable_hub_fails_naming_the_shards_and_leaves_no_files(failed_runs):
-    cache, result = failed_runs["unreachable_hub"]
-    assert result.returncode == 1, result.stdout + result.stderr
-    assert "Traceback" not in result.stderr, result.stderr
-    for name in ("shard_00000.parquet", "shard_00001.parquet", VAL_NAME):
-        assert f"failed: {name}" in result.stderr
-    assert result.stderr.strip().splitlines()[-1].startswith("error: 3 shard(s) failed to download")
-    assert os.listdir(cache / "data") == []
+@pytest.mark.parametrize("case, host, reason", [("connection_refused", "127.0.0.1:", "Connection refused"),
+                                                 ("name_not_resolved", "data.invalid", "")])
+def test_prepare_with_an_unreachable_host_says_so_once_and_gives_up_within_30s(failed_runs, case, host, reason):
+    """No connection to the data host at all (offline, blocked, a wrong HF_ENDPOINT): one line naming the host
+    and the fix, exit 1 within ~30 s under the default back-off, and no file in the cache."""
+    cache, result = failed_runs[case]
+    assert result.seconds < 30, f"took {result.seconds:.0f}s\n{result.stdout}{result.stderr}"
+    assert_one_line_error(result, f"cannot reach {host}", reason, "set HF_ENDPOINT to a Hugging Face mirror",
+                          "check the network", "re-run `uv run prepare.py`")
+    assert os.listdir(cache / "data") == []  # no shard, no temporary file
     assert not (cache / "tokenizer").exists()
+
+
+@pytest.mark.parametrize("error, gives_up", [
+    (requests.ConnectTimeout("connect timeout"), True),                      # blocked: no answer to the SYN
+    (requests.exceptions.ProxyError("proxy unreachable"), True),
+    (requests.ReadTimeout("read timeout"), False),                            # connected, then a stall
+    (requests.ConnectionError("Connection aborted: RemoteDisconnected"), False),  # connected, then dropped
+])
+def test_only_a_host_that_takes_no_connection_stops_the_download_before_it_starts(monkeypatch, error, gives_up):
+    """The faults a retry can cure (a stall, a dropped connection, any HTTP status) leave the host probe to the
+    per-shard retries; only a connection that cannot be opened ends the run."""
+    def head(url, **kwargs):
+        raise error
+
+    monkeypatch.setattr(prepare.requests, "head", head)
+    if gives_up:
+        with pytest.raises(SystemExit, match=r"^error: cannot reach data\.example:8080 \("):
+            prepare.check_host_reachable("http://data.example:8080/datasets/x/shard_00000.parquet")
+    else:
+        assert prepare.check_host_reachable("http://data.example:8080/datasets/x/shard_00000.parquet") is None
 
 
 def test_prepare_rejects_a_download_that_is_not_parquet_and_leaves_no_partial_file(failed_runs):
