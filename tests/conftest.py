@@ -151,23 +151,62 @@ def run_script(script, *args, cache, endpoint=None, timeout=300, extra_env=None)
                           text=True, timeout=timeout)
 
 
-def make_prepared_cache(root, n_docs=1500):
-    """root/cache, made by the real `python prepare.py --num-shards 2` from tiny shards on a local hub in root/hub."""
+def prepare_from_local_hub(root, n_docs=1500):
+    """The real `python prepare.py --num-shards 2` on root/cache, from tiny shards on a local hub in root/hub that
+    also serves shard 2 (which it must not fetch). Returns (cache, the run's CompletedProcess, the paths requested)."""
     root = Path(root)
     h = Hub(root / "hub")
     try:
-        make_shards(h.shard_dir, n_docs=n_docs)
+        make_shards(h.shard_dir, indices=(0, 1, 2, VAL_SHARD), n_docs=n_docs)
         result = run_script("prepare.py", "--num-shards", "2", cache=root / "cache", endpoint=h.url)
     finally:
         h.close()
     assert result.returncode == 0, result.stdout + result.stderr
-    return root / "cache"
+    return root / "cache", result, list(h.requests)
+
+
+def make_prepared_cache(root, n_docs=1500):
+    """root/cache, made by the real `python prepare.py --num-shards 2` from tiny shards on a local hub in root/hub."""
+    return prepare_from_local_hub(root, n_docs)[0]
 
 
 @pytest.fixture(scope="session")
-def prepared_cache(tmp_path_factory):
+def prepared_run(tmp_path_factory):
+    """The run of prepare.py that made `prepared_cache`: dict(cache, result, requests, hub_root)."""
+    root = tmp_path_factory.mktemp("prepared")
+    cache, result, requests = prepare_from_local_hub(root)
+    return dict(cache=cache, result=result, requests=requests, hub_root=root / "hub")
+
+
+@pytest.fixture
+def train_startup_error(monkeypatch):
+    """train.main's start-up checks, in this process, on a cache they must reject: `check(cache)` returns the
+    message of the SystemExit they raise (the script prints it as its one line on stderr and exits 1; the real
+    script's runs check that). A cache that passes the checks fails the test where train.main would load the
+    attention kernel, before it builds or trains anything."""
+    import prepare
+    import train
+
+    def past_the_checks():
+        raise AssertionError("the start-up checks passed: nothing was wrong with the cache")
+
+    def check(cache):
+        with monkeypatch.context() as m:
+            m.setattr(prepare, "DATA_DIR", str(Path(cache) / "data"))
+            m.setattr(prepare, "TOKENIZER_DIR", str(Path(cache) / "tokenizer"))
+            m.setattr(train, "load_attention_backend", past_the_checks)
+            m.delenv("AUTORESEARCH_SEED", raising=False)
+            with pytest.raises(SystemExit) as exc:
+                train.main()
+        return exc.value.code
+
+    return check
+
+
+@pytest.fixture(scope="session")
+def prepared_cache(prepared_run):
     """A cache made by the real `python prepare.py --num-shards 2` against a local hub (shared, read-only)."""
-    return make_prepared_cache(tmp_path_factory.mktemp("prepared"))
+    return prepared_run["cache"]
 
 # -----------------------------------------------------------------------------
 # train.py's model, optimizer and step as train.main runs them, for the benchmarks (tests build small ones)
