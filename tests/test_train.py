@@ -1,6 +1,7 @@
 """
-train.py: model size and FLOPs, attention against a naive reference, MuonAdamW against plain reference math,
-and the real script end to end on tiny prepared data.
+train.py: model size and FLOPs, the per-name initialisation, attention against a naive reference and its
+fallback order, MuonAdamW against plain reference math, the schedules against hand-computed values, and the
+real script end to end on tiny prepared data.
 
 Run: uv run pytest tests/test_train.py
 """
@@ -15,6 +16,7 @@ import time
 
 import pytest
 import torch
+import torch.nn as nn
 import torch.nn.functional as F
 
 import prepare
@@ -92,6 +94,69 @@ def test_untrained_model_predicts_nearly_uniform_soft_capped_logits():
     assert model(idx).abs().max() <= 15.0
 
 
+def small_config(**changes):
+    return train.GPTConfig(**{**dict(sequence_len=64, vocab_size=512, n_layer=4, n_head=2, n_kv_head=2, n_embd=64),
+                              **changes})
+
+
+def initialised(model, seed):
+    """name -> initial values, initialised as train.main does it (the global seed, then init_weights)."""
+    torch.manual_seed(seed)
+    model.init_weights(seed)
+    return {name: p.detach().clone() for name, p in model.named_parameters()}
+
+
+class GPTWithAnExtraModule(train.GPT):
+    """An edit as the agent makes one: a new module, initialised first, from the global random stream."""
+
+    def __init__(self, config):
+        super().__init__(config)
+        self.extra = nn.Linear(config.n_embd, config.n_embd, bias=False)
+
+    def init_weights(self, seed):
+        with torch.no_grad():
+            self.extra.weight.normal_()
+        super().init_weights(seed)
+
+
+RANDOM_INIT = (r"transformer\.wte\.weight|lm_head\.weight|value_embeds\.\d+\.weight"
+               r"|transformer\.h\.\d+\.(attn\.c_[qkv]|mlp\.c_fc)\.weight")
+ZERO_INIT = r"transformer\.h\.\d+\.(attn\.c_proj|mlp\.c_proj|attn\.ve_gate)\.weight"
+CONSTANT_INIT = ("resid_lambdas", "x0_lambdas")
+
+
+def test_adding_a_module_leaves_every_other_initial_weight_as_it_was():
+    base = initialised(train.GPT(small_config()), 7)
+    extended = initialised(GPTWithAnExtraModule(small_config()), 7)
+    assert set(extended) - set(base) == {"extra.weight"}
+    for name, p in base.items():
+        assert torch.equal(p, extended[name]), name
+
+
+@pytest.mark.parametrize("change", [dict(n_layer=3), dict(vocab_size=256)])
+def test_reshaping_the_model_leaves_every_parameter_it_does_not_touch_as_it_was(change):
+    """Another depth moves the value embeddings (layers 1, 3 -> 0, 2) and resizes the per-layer scalars; another
+    vocabulary resizes the embeddings and the head. Every parameter of the same name and shape in both models
+    starts from the same values."""
+    before, after = initialised(train.GPT(small_config()), 7), initialised(train.GPT(small_config(**change)), 7)
+    shared = [n for n in after if n in before and after[n].shape == before[n].shape]
+    assert "transformer.h.2.attn.c_q.weight" in shared and len(shared) >= 12, shared
+    assert len(shared) < len(after)  # the change did reshape something
+    for name in shared:
+        assert torch.equal(after[name], before[name]), name
+
+
+def test_another_seed_redraws_every_random_parameter_and_keeps_the_fixed_ones():
+    a, b = initialised(train.GPT(small_config()), 7), initialised(train.GPT(small_config()), 8)
+    for name in a:
+        if re.fullmatch(RANDOM_INIT, name):
+            assert (a[name] != b[name]).float().mean() > 0.99, name  # redrawn, element by element
+        elif re.fullmatch(ZERO_INIT, name):
+            assert a[name].count_nonzero() == 0 and b[name].count_nonzero() == 0, name
+        else:
+            assert name in CONSTANT_INIT and torch.equal(a[name], b[name]), name
+
+
 # -----------------------------------------------------------------------------
 # Attention
 
@@ -133,6 +198,94 @@ def test_cuda_backend_matches_naive_attention(monkeypatch):
     mask = train.make_block_mask(256, 100, "cuda") if backend == "flex" else None
     ref = naive_attention(q.float().cpu(), k.float().cpu(), v.float().cpu(), 100)
     torch.testing.assert_close(train.attention(q, k, v, 100, mask).float().cpu(), ref, atol=2e-2, rtol=2e-2)
+
+
+class FakeKernel:
+    """What kernels returns for Flash Attention 3: a module with flash_attn_interface.flash_attn_func."""
+
+    def __init__(self, fails=False):
+        self.calls = []
+        kernel = self
+
+        class Interface:
+            @staticmethod
+            def flash_attn_func(q, k, v, causal, window_size):
+                kernel.calls.append((tuple(q.shape), causal, window_size))
+                if fails:
+                    raise RuntimeError("no kernel image is available for execution on the device")
+                return q
+
+        self.flash_attn_interface = Interface
+
+
+@pytest.fixture
+def on_fake_cuda(monkeypatch):
+    """load_attention_backend as on a Hopper GPU, on this CPU: DEVICE_TYPE "cuda", capability 9.0, and the
+    probe tensors it makes with device="cuda" made on the CPU. Returns `fake(fa3=..., flex=...)`, which installs
+    a fa3 loader (a FakeKernel, or an exception it raises) and a flex probe (None passes, an exception fails),
+    and returns the list of probes run."""
+    monkeypatch.setattr(train, "DEVICE_TYPE", "cuda")
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda *args: (9, 0))
+    randn = torch.randn
+    monkeypatch.setattr(torch, "randn", lambda *shape, device=None, **kwargs: randn(*shape, **kwargs))
+    probes = []
+
+    def fake(fa3, flex=None, source="cache"):
+        def load_flash_attention_3(capability):
+            probes.append(("fa3", capability))
+            if isinstance(fa3, Exception):
+                raise fa3
+            return fa3, prepare.flash_attention_repo(capability), source
+
+        def check_flex_attention():
+            probes.append(("flex",))
+            if flex is not None:
+                raise flex
+
+        monkeypatch.setattr(train, "load_flash_attention_3", load_flash_attention_3)
+        monkeypatch.setattr(train, "check_flex_attention", check_flex_attention)
+        return probes
+
+    return fake
+
+
+@pytest.mark.parametrize("source, where", [("cache", "local cache"), ("hub", "hub")])
+def test_flash_attention_3_is_used_when_it_loads_and_runs(on_fake_cuda, source, where):
+    kernel = FakeKernel()
+    probes = on_fake_cuda(fa3=kernel, source=source)
+    backend, fa3, note = train.load_attention_backend()
+    assert (backend, fa3) == ("fa3", kernel.flash_attn_interface)
+    assert note == f"Flash Attention 3 from varunneal/flash-attention-3 ({where})"
+    assert probes == [("fa3", (9, 0))]  # flex attention is never probed
+    assert len(kernel.calls) == 1 and kernel.calls[0][1:] == (True, (128, 0))  # one causal sliding-window call
+
+
+@pytest.mark.parametrize("fa3, reason", [(ImportError("No module named 'kernels'"), "ImportError"),
+                                         (FileNotFoundError("no build for this torch"), "FileNotFoundError"),
+                                         (FakeKernel(fails=True), "RuntimeError")])  # loads, fails on its first call
+def test_without_a_working_flash_attention_3_flex_attention_is_next(on_fake_cuda, fa3, reason):
+    probes = on_fake_cuda(fa3=fa3)
+    backend, module, note = train.load_attention_backend()
+    assert (backend, module) == ("flex", None)
+    assert note == f"flex attention (Flash Attention 3 unavailable: {reason})"
+    assert probes == [("fa3", (9, 0)), ("flex",)]
+
+
+def test_when_flex_attention_fails_too_sdpa_is_last_and_the_note_gives_both_reasons(on_fake_cuda):
+    probes = on_fake_cuda(fa3=FakeKernel(fails=True), flex=torch.OutOfMemoryError("CUDA out of memory"))
+    backend, module, note = train.load_attention_backend()
+    assert (backend, module) == ("sdpa", None)
+    assert note == ("PyTorch SDPA with a mask (Flash Attention 3 unavailable: RuntimeError; "
+                    "flex attention failed: OutOfMemoryError)")
+    assert probes == [("fa3", (9, 0)), ("flex",)]
+
+
+@pytest.mark.parametrize("device", ["cpu", "mps"])
+def test_off_cuda_sdpa_is_chosen_without_probing_a_kernel(on_fake_cuda, monkeypatch, device):
+    probes = on_fake_cuda(fa3=FakeKernel())
+    monkeypatch.setattr(train, "DEVICE_TYPE", device)
+    assert train.load_attention_backend() == ("sdpa", None, f"no CUDA on {device}")
+    assert probes == []
 
 
 # -----------------------------------------------------------------------------
@@ -235,6 +388,30 @@ def test_loss_decreases_on_a_fixed_batch():
         model.zero_grad(set_to_none=True)
         losses.append(loss.item())
     assert losses[-1] < losses[0] - 1.0, losses
+
+
+@pytest.mark.parametrize("warmup, warmdown, final, expected", [
+    # the spec's defaults: 1 for the first half, then linear to 0
+    (0.0, 0.5, 0.0, {0.0: 1.0, 0.25: 1.0, 0.5: 1.0, 0.75: 0.5, 1.0: 0.0}),
+    # warm-up over the first 10%, 1 until 60%, then linear to 0.2: at 0.75, 0.625 of the way back up from 0.2
+    (0.1, 0.4, 0.2, {0.0: 0.0, 0.05: 0.5, 0.1: 1.0, 0.25: 1.0, 0.5: 1.0, 0.6: 1.0, 0.75: 0.7, 0.9: 0.4, 1.0: 0.2}),
+])
+def test_lr_multiplier_follows_warmup_then_flat_then_linear_warmdown(monkeypatch, warmup, warmdown, final, expected):
+    monkeypatch.setattr(train, "WARMUP_RATIO", warmup)
+    monkeypatch.setattr(train, "WARMDOWN_RATIO", warmdown)
+    monkeypatch.setattr(train, "FINAL_LR_FRAC", final)
+    assert {p: train.lr_multiplier(p) for p in expected} == pytest.approx(expected)
+
+
+def test_muon_momentum_ramps_from_0_85_to_0_95_over_300_steps_then_stays():
+    expected = {0: 0.85, 30: 0.86, 150: 0.90, 299: 0.95 - 0.1 / 300, 300: 0.95, 1000: 0.95}
+    assert {step: train.muon_momentum(step) for step in expected} == pytest.approx(expected)
+
+
+def test_muon_weight_decay_falls_linearly_to_zero_over_the_budget(monkeypatch):
+    monkeypatch.setattr(train, "WEIGHT_DECAY", 0.2)
+    expected = {0.0: 0.2, 0.25: 0.15, 0.5: 0.1, 0.75: 0.05, 1.0: 0.0}
+    assert {p: train.muon_weight_decay(p) for p in expected} == pytest.approx(expected)
 
 
 # -----------------------------------------------------------------------------
