@@ -10,6 +10,7 @@ import gc
 import http.server
 import os
 import random
+import signal
 import subprocess
 import sys
 import threading
@@ -121,6 +122,21 @@ def bytecode_cache(tmp_path_factory):
         mp.delenv("PYTHONDONTWRITEBYTECODE")
         mp.setenv("PYTHONPYCACHEPREFIX", str(tmp_path_factory.mktemp("pycache")))
         yield
+
+
+@pytest.fixture
+def sigint_reaches_children():
+    """A shell that starts pytest in the background (`pytest &`, nohup, some CI runners) leaves it ignoring
+    SIGINT, and every child inherits the ignore: Python then never raises KeyboardInterrupt in a script under
+    test. With a handler here instead of the ignore, children start with the default and Python installs its own."""
+    if signal.getsignal(signal.SIGINT) is not signal.SIG_IGN:
+        yield
+        return
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
 
 
 @pytest.fixture

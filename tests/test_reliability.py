@@ -424,7 +424,7 @@ def test_sigkill_mid_download_then_rerun(make_hub, served, tmp_path):
     assert_cache_intact(cache, served, shards=served, tokenizer=True)
 
 
-def test_ctrl_c_starts_no_further_download(make_hub, served, tmp_path):
+def test_ctrl_c_starts_no_further_download(make_hub, served, tmp_path, sigint_reaches_children):
     """SIGINT (Ctrl-C) mid-download: the download in flight ends, no queued one starts (before the fix the
     whole queue still ran: with --num-shards -1, thousands of shards), and nothing half-written is left."""
     cache = tmp_path / "cache"

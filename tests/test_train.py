@@ -675,7 +675,8 @@ class Lines:
         return "".join(self.lines)
 
 
-def test_kill_during_training_exits_promptly_with_the_signals_status(prepared_cache, tmp_path):
+def test_kill_during_training_exits_promptly_with_the_signals_status(prepared_cache, tmp_path,
+                                                                    sigint_reaches_children):
     """The agent's kill mid-training, both signals at once on two runs: SIGINT (Ctrl-C) ends with one
     `interrupted` line and exit 130; SIGTERM, which train.py does not catch, ends the process by the signal.
     Both within 30 s, with no summary, and nothing written where they ran or into the cache."""
