@@ -35,6 +35,7 @@ import numpy as np
 import pyarrow.parquet as pq
 import requests
 import torch
+import urllib3
 
 # -----------------------------------------------------------------------------
 # Constants (fixed: val_bpb is only comparable across runs that share them)
@@ -190,6 +191,31 @@ def download_shard(index, progress=None):
     return f"{name}: {error} (after {DOWNLOAD_ATTEMPTS} attempts, {url})"
 
 
+def check_host_reachable(url):
+    """Exits with one line when no connection to the data host can be opened at all (the name does not resolve,
+    the connection is refused, no answer within 10 s: offline, blocked or a wrong HF_ENDPOINT). Retrying each
+    shard with back-off cannot help there. Any answer from the host, even an error status, lets the downloads
+    start: server errors, dropped connections and stalls are retried per shard."""
+    try:
+        requests.head(url, timeout=10, allow_redirects=False).close()
+        return
+    except requests.ConnectTimeout:
+        why = "no answer within 10 s"
+    except requests.ConnectionError as e:
+        reason = getattr(e.args[0], "reason", None) if e.args else None  # urllib3's MaxRetryError
+        if isinstance(e, requests.exceptions.ProxyError):
+            why = "the proxy cannot be reached"
+        elif isinstance(reason, urllib3.exceptions.NewConnectionError):  # name resolution included
+            why = getattr(reason.__cause__, "strerror", None) or type(reason).__name__
+        else:
+            return  # it answered, then the connection dropped: a fault for the per-shard retries
+    except requests.RequestException:
+        return  # a read timeout or a bad answer: the host is there
+    host = urllib3.util.parse_url(url).netloc
+    raise SystemExit(f"error: cannot reach {host} ({why}), so no shard can be downloaded; check the network, "
+                     f"or set HF_ENDPOINT to a Hugging Face mirror, then re-run `uv run prepare.py`.")
+
+
 def download_data(num_shards, download_workers=8):
     """Training shards 0..num_shards-1 plus the validation shard. Exits non-zero naming any shard that failed."""
     os.makedirs(DATA_DIR, exist_ok=True)
@@ -206,6 +232,7 @@ def download_data(num_shards, download_workers=8):
     print(f"Data: {len(indices) - len(todo)}/{len(indices)} shards already in {DATA_DIR}, downloading {len(todo)} from {BASE_URL}")
     failures = []
     if todo:
+        check_host_reachable(f"{BASE_URL}/{shard_name(todo[0])}")
         lock, received = threading.Lock(), [0]
 
         def progress(n):

@@ -10,6 +10,7 @@ import gc
 import http.server
 import os
 import random
+import signal
 import subprocess
 import sys
 import threading
@@ -124,6 +125,21 @@ def bytecode_cache(tmp_path_factory):
 
 
 @pytest.fixture
+def sigint_reaches_children():
+    """A shell that starts pytest in the background (`pytest &`, nohup, some CI runners) leaves it ignoring
+    SIGINT, and every child inherits the ignore: Python then never raises KeyboardInterrupt in a script under
+    test. With a handler here instead of the ignore, children start with the default and Python installs its own."""
+    if signal.getsignal(signal.SIGINT) is not signal.SIG_IGN:
+        yield
+        return
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
+@pytest.fixture
 def hub(tmp_path):
     """A hub serving training shards 0 and 1 and the validation shard."""
     h = Hub(tmp_path / "hub")
@@ -133,14 +149,15 @@ def hub(tmp_path):
 
 
 def script_env(cache, endpoint=None, extra_env=None):
-    """The environment a script runs in under test: the cache in `cache`, no network, fast retries, unbuffered."""
+    """The environment a script runs in under test: the cache in `cache`, no network, fast retries, unbuffered.
+    A value of None in `extra_env` removes that variable (e.g. AUTORESEARCH_BACKOFF_S: the user's back-off)."""
     env = {k: v for k, v in os.environ.items() if not k.startswith(("AUTORESEARCH_", "HF_"))}
     env["AUTORESEARCH_CACHE_DIR"] = str(cache)
     env["HF_ENDPOINT"] = endpoint or "http://127.0.0.1:9"  # closed port: nothing leaks to the internet
     env["AUTORESEARCH_BACKOFF_S"] = "0.05"
     env["PYTHONUNBUFFERED"] = "1"
     env.update(extra_env or {})
-    return env
+    return {k: v for k, v in env.items() if v is not None}
 
 
 def run_script(script, *args, cache, endpoint=None, timeout=300, extra_env=None):
@@ -150,23 +167,62 @@ def run_script(script, *args, cache, endpoint=None, timeout=300, extra_env=None)
                           text=True, timeout=timeout)
 
 
-def make_prepared_cache(root, n_docs=1500):
-    """root/cache, made by the real `python prepare.py --num-shards 2` from tiny shards on a local hub in root/hub."""
+def prepare_from_local_hub(root, n_docs=1500):
+    """The real `python prepare.py --num-shards 2` on root/cache, from tiny shards on a local hub in root/hub that
+    also serves shard 2 (which it must not fetch). Returns (cache, the run's CompletedProcess, the paths requested)."""
     root = Path(root)
     h = Hub(root / "hub")
     try:
-        make_shards(h.shard_dir, n_docs=n_docs)
+        make_shards(h.shard_dir, indices=(0, 1, 2, VAL_SHARD), n_docs=n_docs)
         result = run_script("prepare.py", "--num-shards", "2", cache=root / "cache", endpoint=h.url)
     finally:
         h.close()
     assert result.returncode == 0, result.stdout + result.stderr
-    return root / "cache"
+    return root / "cache", result, list(h.requests)
+
+
+def make_prepared_cache(root, n_docs=1500):
+    """root/cache, made by the real `python prepare.py --num-shards 2` from tiny shards on a local hub in root/hub."""
+    return prepare_from_local_hub(root, n_docs)[0]
 
 
 @pytest.fixture(scope="session")
-def prepared_cache(tmp_path_factory):
+def prepared_run(tmp_path_factory):
+    """The run of prepare.py that made `prepared_cache`: dict(cache, result, requests, hub_root)."""
+    root = tmp_path_factory.mktemp("prepared")
+    cache, result, requests = prepare_from_local_hub(root)
+    return dict(cache=cache, result=result, requests=requests, hub_root=root / "hub")
+
+
+@pytest.fixture
+def train_startup_error(monkeypatch):
+    """train.main's start-up checks, in this process, on a cache they must reject: `check(cache)` returns the
+    message of the SystemExit they raise (the script prints it as its one line on stderr and exits 1; the real
+    script's runs check that). A cache that passes the checks fails the test where train.main would load the
+    attention kernel, before it builds or trains anything."""
+    import prepare
+    import train
+
+    def past_the_checks():
+        raise AssertionError("the start-up checks passed: nothing was wrong with the cache")
+
+    def check(cache):
+        with monkeypatch.context() as m:
+            m.setattr(prepare, "DATA_DIR", str(Path(cache) / "data"))
+            m.setattr(prepare, "TOKENIZER_DIR", str(Path(cache) / "tokenizer"))
+            m.setattr(train, "load_attention_backend", past_the_checks)
+            m.delenv("AUTORESEARCH_SEED", raising=False)
+            with pytest.raises(SystemExit) as exc:
+                train.main()
+        return exc.value.code
+
+    return check
+
+
+@pytest.fixture(scope="session")
+def prepared_cache(prepared_run):
     """A cache made by the real `python prepare.py --num-shards 2` against a local hub (shared, read-only)."""
-    return make_prepared_cache(tmp_path_factory.mktemp("prepared"))
+    return prepared_run["cache"]
 
 # -----------------------------------------------------------------------------
 # train.py's model, optimizer and step as train.main runs them, for the benchmarks (tests build small ones)

@@ -14,13 +14,14 @@ import shutil
 import subprocess
 import sys
 import threading
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
 import torch
 
 import prepare
-from conftest import ROOT, script_env
+from conftest import ROOT, Hub, make_shards, script_env
 
 HOPPER = (9, 0)
 REPO = "varunneal/flash-attention-3"  # the Hopper build, prepare.flash_attention_repo(HOPPER)
@@ -149,7 +150,7 @@ try:
     out = {"repo": repo, "source": source, "marker": getattr(kernel, "MARKER", None), "file": kernel.__file__,
            "has_func": callable(kernel.flash_attn_interface.flash_attn_func)}
 except Exception as e:
-    out = {"error": type(e).__name__}
+    out = {"error": type(e).__name__, "message": str(e)}
 out["seconds"] = time.perf_counter() - t0
 print(json.dumps(out))
 """
@@ -172,87 +173,170 @@ def test_hopper_gets_its_own_build_and_every_other_gpu_the_community_build():
         assert prepare.flash_attention_repo(capability) == "kernels-community/flash-attn3", capability
 
 # -----------------------------------------------------------------------------
+# The runs: each scenario in a subprocess of its own, against a hub of its own, side by side (each spends
+# seconds importing torch and kernels)
+
+FETCH = "import prepare; print(repr(prepare.fetch_attention_kernel((9, 0))))"
+
+
+def with_kernel_hub(scenario):
+    """Runs scenario(tmp_path, hub) against a fresh KernelHub; adds the hub's requests to its result."""
+    def run(tmp_path, prepared_cache):
+        hub = KernelHub(kernel_files(package_dir=False))
+        try:
+            return dict(scenario(tmp_path, hub), requests=hub.requests)
+        finally:
+            hub.close()
+    return run
+
+
+def cached_kernel(where, package_dir):
+    @with_kernel_hub
+    def run(tmp_path, hub):
+        env, cache = kernel_env(tmp_path, hub.url, where)
+        write_cached_snapshot(cache, kernel_files(package_dir))
+        out, stderr = run_python(LOAD, env)
+        return dict(out=out, stderr=stderr, cache=cache)
+    return run
+
+
+def nothing_cached(tmp_path, prepared_cache):
+    hub = Hub(tmp_path / "hub")  # a hub with the data but no kernel: every kernel request is a 404
+    make_shards(hub.shard_dir)
+    try:
+        out, stderr = run_python(LOAD, kernel_env(tmp_path, hub.url)[0])
+        return dict(out=out, stderr=stderr, requests=hub.requests, url=hub.url)
+    finally:
+        hub.close()
+
+
+@with_kernel_hub
+def no_build_for_this_torch(tmp_path, hub):
+    env, cache = kernel_env(tmp_path, hub.url)
+    write_cached_snapshot(cache, {"build/torch00-cxx11-cu100-x86_64-linux/__init__.py": b""})  # another torch only
+    return dict(out=run_python(LOAD, env)[0])
+
+
+@with_kernel_hub
+def fetch_then_load(tmp_path, hub):
+    env, cache = kernel_env(tmp_path, hub.url)
+    fetched = subprocess.run([sys.executable, "-c", FETCH], cwd=ROOT, env=env, capture_output=True, text=True,
+                             timeout=120)
+    fetch_requests = list(hub.requests)
+    hub.requests.clear()
+    out, stderr = run_python(LOAD, env)
+    return dict(fetched=fetched, fetch_requests=fetch_requests, out=out, stderr=stderr, cache=cache)
+
+
+def failed_fetch(tmp_path, prepared_cache):
+    env, _ = kernel_env(tmp_path, "http://127.0.0.1:9")  # closed port: no hub
+    return dict(fetched=subprocess.run([sys.executable, "-c", FETCH], cwd=ROOT, env=env, capture_output=True,
+                                       text=True, timeout=120))
+
+
+def prepare_on_a_cuda_machine(tmp_path, prepared_cache):
+    """prepare.py's main with CUDA faked (this machine has none), on a prepared cache (no download, no
+    tokenizer training); the hub has no kernel."""
+    shutil.copytree(prepared_cache, tmp_path / "autoresearch")
+    hub = Hub(tmp_path / "hub")
+    make_shards(hub.shard_dir)
+    env = script_env(tmp_path / "autoresearch", hub.url, {"HF_HOME": str(tmp_path / "hf")})
+    code = ("import sys, torch; torch.cuda.is_available = lambda: True; "
+            "torch.cuda.get_device_capability = lambda: (9, 0); "
+            "import prepare; sys.argv = ['prepare.py', '--num-shards', '2']; prepare.main()")
+    try:
+        result = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True,
+                                timeout=300)
+        return dict(result=result, requests=hub.requests)
+    finally:
+        hub.close()
+
+
+SCENARIOS = {
+    "cached_in_hf_home": cached_kernel("HF_HOME", package_dir=False),
+    "cached_in_kernels_cache": cached_kernel("KERNELS_CACHE", package_dir=True),
+    "nothing_cached": nothing_cached,
+    "no_build_for_this_torch": no_build_for_this_torch,
+    "fetch_then_load": fetch_then_load,
+    "failed_fetch": failed_fetch,
+    "prepare_on_a_cuda_machine": prepare_on_a_cuda_machine,
+}
+
+
+@pytest.fixture(scope="module")
+def runs(prepared_cache, tmp_path_factory):
+    """name -> what each scenario of SCENARIOS returned."""
+    root = tmp_path_factory.mktemp("kernels")
+    with ThreadPoolExecutor(max_workers=4) as pool:
+        futures = {name: pool.submit(run, root / name, prepared_cache) for name, run in SCENARIOS.items()}
+        return {name: f.result() for name, f in futures.items()}
+
+# -----------------------------------------------------------------------------
 # train.py's loader: the cache first, the hub only when nothing is cached
 
 
-@pytest.mark.parametrize("where, package_dir", [("HF_HOME", False), ("KERNELS_CACHE", True)])
-def test_a_cached_kernel_is_loaded_without_any_hub_request(tmp_path, kernel_hub, where, package_dir):
-    env, cache = kernel_env(tmp_path, kernel_hub.url, where)
-    write_cached_snapshot(cache, kernel_files(package_dir))
-    out, stderr = run_python(LOAD, env)
+@pytest.mark.parametrize("scenario", ["cached_in_hf_home", "cached_in_kernels_cache"])
+def test_a_cached_kernel_is_loaded_without_any_hub_request(runs, scenario):
+    out, cache = runs[scenario]["out"], runs[scenario]["cache"]
     assert out.get("source") == "cache", out
     assert out["repo"] == REPO
     assert out["marker"] == "fake flash attention 3"  # the fake module itself, not something else
     assert out["has_func"]
     assert Path(out["file"]).is_relative_to(cache / "models--varunneal--flash-attention-3" / "snapshots" / COMMIT)
-    assert kernel_hub.requests == []
-    assert stderr == ""
+    assert runs[scenario]["requests"] == []
+    assert runs[scenario]["stderr"] == ""
 
 
-def test_with_nothing_cached_the_loader_asks_the_hub_and_fails_quickly_with_an_exception(tmp_path, hub):
-    env, _ = kernel_env(tmp_path, hub.url)  # a hub with the data but no kernel: every kernel request is a 404
-    out, stderr = run_python(LOAD, env)
-    assert any(r.startswith(f"/api/models/{REPO}/") for r in hub.requests), hub.requests
-    assert "error" in out, out  # an Exception (a SystemExit would end the subprocess): train.py falls back on it
+def test_with_nothing_cached_the_loader_asks_the_hub_and_fails_quickly_with_an_exception(runs):
+    run = runs["nothing_cached"]
+    out = run["out"]
+    assert any(r.startswith(f"/api/models/{REPO}/") for r in run["requests"]), run["requests"]
+    # huggingface_hub's "not on the hub (404) and not in the cache": an Exception (a SystemExit would end the
+    # subprocess), which train.py catches to fall back to flex attention
+    assert out.get("error") == "LocalEntryNotFoundError", out
+    assert f"404 File not found' for url '{run['url']}/api/models/{REPO}/revision/main'" in out["message"], out
     assert out["seconds"] < 20, out
-    assert stderr == ""  # silent: train.py's one start-up line says what happened
+    assert run["stderr"] == ""  # silent: train.py's one start-up line says what happened
 
 
-def test_a_cache_with_no_build_for_this_torch_sends_the_loader_to_the_hub(tmp_path, kernel_hub):
-    env, cache = kernel_env(tmp_path, kernel_hub.url)
-    write_cached_snapshot(cache, {"build/torch00-cxx11-cu100-x86_64-linux/__init__.py": b""})  # another torch only
-    out, _ = run_python(LOAD, env)
+def test_a_cache_with_no_build_for_this_torch_sends_the_loader_to_the_hub(runs):
+    out = runs["no_build_for_this_torch"]["out"]
     assert out.get("source") == "hub", out
-    assert kernel_hub.requests
+    assert out["marker"] == "fake flash attention 3"  # the hub's copy, loaded
+    assert runs["no_build_for_this_torch"]["requests"]
 
 # -----------------------------------------------------------------------------
 # prepare.py's fetch: the hub once, then the cache for every run
 
 
-def test_fetch_puts_the_kernel_where_the_loader_then_finds_it_offline(tmp_path, kernel_hub):
-    env, cache = kernel_env(tmp_path, kernel_hub.url)
-    fetch = "import prepare; print(repr(prepare.fetch_attention_kernel((9, 0))))"
-    result = subprocess.run([sys.executable, "-c", fetch], cwd=ROOT, env=env, capture_output=True, text=True,
-                            timeout=120)
-    assert result.returncode == 0, result.stdout + result.stderr
-    assert f"Attention kernel: Flash Attention 3 from {REPO} in {cache}" in result.stdout, result.stdout
-    assert kernel_hub.requests
+def test_fetch_puts_the_kernel_where_the_loader_then_finds_it_offline(runs):
+    run = runs["fetch_then_load"]
+    fetched, cache = run["fetched"], run["cache"]
+    assert fetched.returncode == 0, fetched.stdout + fetched.stderr
+    assert f"Attention kernel: Flash Attention 3 from {REPO} in {cache}" in fetched.stdout, fetched.stdout
+    assert run["fetch_requests"]
     snapshot = cache / "models--varunneal--flash-attention-3" / "snapshots" / COMMIT
     assert (snapshot / "build" / VARIANT / "flash_attn_interface.py").read_bytes() == \
         kernel_files(False)[f"build/{VARIANT}/flash_attn_interface.py"]
-
-    kernel_hub.requests.clear()
-    out, stderr = run_python(LOAD, env)
-    assert out.get("source") == "cache", out
-    assert out["marker"] == "fake flash attention 3"
-    assert kernel_hub.requests == []
-    assert stderr == ""
+    assert run["out"].get("source") == "cache", run["out"]
+    assert run["out"]["marker"] == "fake flash attention 3"
+    assert run["requests"] == []  # the load after the fetch
+    assert run["stderr"] == ""
 
 
-def test_a_failed_fetch_is_one_line_and_not_an_error(tmp_path):
-    env, _ = kernel_env(tmp_path, "http://127.0.0.1:9")  # closed port: no hub
-    fetch = "import prepare; print(repr(prepare.fetch_attention_kernel((9, 0))))"
-    result = subprocess.run([sys.executable, "-c", fetch], cwd=ROOT, env=env, capture_output=True, text=True,
-                            timeout=120)
+def test_a_failed_fetch_is_one_line_and_not_an_error(runs):
+    result = runs["failed_fetch"]["fetched"]
     assert result.returncode == 0, result.stdout + result.stderr
     assert result.stdout.splitlines() == [f"Attention kernel: could not fetch {REPO} (LocalEntryNotFoundError); "
                                           "train.py will try the hub at start, else use flex attention", "None"]
     assert result.stderr == ""
 
 
-def test_prepare_on_a_cuda_machine_still_succeeds_when_the_kernel_cannot_be_fetched(tmp_path, hub, prepared_cache):
-    """prepare.py's main with CUDA faked (this machine has none), on a prepared cache (no download, no
-    tokenizer training); the hub has no kernel."""
-    shutil.copytree(prepared_cache, tmp_path / "autoresearch")
-    env = script_env(tmp_path / "autoresearch", hub.url, {"HF_HOME": str(tmp_path / "hf")})
-    code = ("import sys, torch; torch.cuda.is_available = lambda: True; "
-            "torch.cuda.get_device_capability = lambda: (9, 0); "
-            "import prepare; sys.argv = ['prepare.py', '--num-shards', '2']; prepare.main()")
-    result = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True,
-                            timeout=300)
+def test_prepare_on_a_cuda_machine_still_succeeds_when_the_kernel_cannot_be_fetched(runs):
+    result, requests = runs["prepare_on_a_cuda_machine"]["result"], runs["prepare_on_a_cuda_machine"]["requests"]
     assert result.returncode == 0, result.stdout + result.stderr
     assert f"Attention kernel: could not fetch {REPO}" in result.stdout
-    assert any("/api/models/varunneal/flash-attention-3" in r for r in hub.requests), hub.requests
+    assert any("/api/models/varunneal/flash-attention-3" in r for r in requests), requests
     assert result.stdout.rstrip().endswith("Done: ready to train with `uv run train.py`.")
 
 # -----------------------------------------------------------------------------

@@ -11,15 +11,18 @@ import itertools
 import math
 import os
 import shutil
+import socket
 import subprocess
 import sys
 import threading
+import time
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+import requests
 import torch
 import torch.nn.functional as F
 
@@ -134,21 +137,18 @@ def small_data(tmp_path, monkeypatch):
 
 
 @pytest.fixture(scope="module")
-def download(tmp_path_factory):
-    """`prepare.py --num-shards 2` run twice on one cache, against a hub that also serves shard 2."""
-    root = tmp_path_factory.mktemp("download")
-    hub = Hub(root / "hub")
-    make_shards(hub.shard_dir, indices=(0, 1, 2, 6542))
-    cache = root / "cache"
+def download(prepared_run, tmp_path_factory):
+    """The session's `prepare.py --num-shards 2` (from a hub that also serves shard 2), then a second run on a copy
+    of its cache."""
+    cache = tmp_path_factory.mktemp("download") / "cache"
+    shutil.copytree(prepared_run["cache"], cache)
+    hub = Hub(prepared_run["hub_root"])
     try:
-        first = run_script("prepare.py", "--num-shards", "2", cache=cache, endpoint=hub.url)
-        first_requests = list(hub.requests)
         second = run_script("prepare.py", "--num-shards", "2", cache=cache, endpoint=hub.url)
-        second_requests = hub.requests[len(first_requests):]
     finally:
         hub.close()
-    return dict(hub=hub, cache=cache, first=first, second=second, first_requests=first_requests,
-                second_requests=second_requests)
+    return dict(hub=hub, cache=prepared_run["cache"], first=prepared_run["result"], second=second,
+                first_requests=prepared_run["requests"], second_requests=hub.requests)
 
 
 def test_prepare_downloads_training_shards_and_validation_shard_intact(download):
@@ -533,25 +533,29 @@ BROKEN_CACHES = [without_data_dir, with_empty_data_dir, without_val_shard, with_
 
 
 @pytest.fixture(scope="module")
-def failed_runs(prepared_cache, tmp_path_factory):
-    """Every failing command of this section, run in parallel (each one spends seconds of CPU importing torch).
-    name -> (cache, CompletedProcess)."""
+def broken_caches(prepared_cache, tmp_path_factory):
+    """A copy of the prepared cache broken in each way of BROKEN_CACHES: name -> cache."""
     root = tmp_path_factory.mktemp("broken")
-    jobs = {}  # name -> (cache, command)
+    caches = {}
     for breaks in BROKEN_CACHES:
-        cache = root / breaks.__name__
-        shutil.copytree(prepared_cache, cache)
-        breaks(cache)
-        jobs[breaks.__name__] = (cache, functools.partial(run_train, cache))
-    for name, num_shards in [("unreachable_hub", "2"), ("zero_shards", "0")]:  # HF_ENDPOINT is a closed port
-        cache = root / name
-        jobs[name] = (cache, functools.partial(run_script, "prepare.py", "--num-shards", num_shards, cache=cache))
-    hub = Hub(root / "garbage_hub")
-    make_shards(hub.shard_dir)
-    (hub.shard_dir / "shard_00001.parquet").write_bytes(b"<html>rate limited</html>" * 100)
-    cache = root / "garbage_from_hub"
-    jobs["garbage_from_hub"] = (cache, functools.partial(run_script, "prepare.py", "--num-shards", "2", cache=cache,
-                                                         endpoint=hub.url))
+        caches[breaks.__name__] = root / breaks.__name__
+        shutil.copytree(prepared_cache, caches[breaks.__name__])
+        breaks(caches[breaks.__name__])
+    return caches
+
+
+@pytest.fixture(scope="module")
+def failed_runs(broken_caches, tmp_path_factory):
+    """Every failing command of this section, run in parallel (each one spends seconds of CPU importing torch):
+    one run of train.py on a broken cache (the others are checked in this process) and the failing prepare.py
+    runs. name -> (cache, CompletedProcess)."""
+    root = tmp_path_factory.mktemp("failed")
+    cache = broken_caches["without_val_shard"]
+    jobs = {"without_val_shard": (cache, functools.partial(run_train, cache))}  # name -> (cache, command)
+    for name, endpoint in [("connection_refused", closed_port_url()), ("name_not_resolved", "http://data.invalid")]:
+        cache = root / name  # the user's default back-off: a retry per shard would take minutes, not seconds
+        jobs[name] = (cache, functools.partial(timed, run_script, "prepare.py", cache=cache, endpoint=endpoint,
+                                               extra_env={"AUTORESEARCH_BACKOFF_S": None}))
     tiny_hub = Hub(root / "tiny_hub")  # what someone trying their own data first serves: a few dozen short notes
     for index in (0, 1, 6542):
         write_shard(tiny_hub.shard_dir / f"shard_{index:05d}.parquet", short_notes(index))
@@ -559,12 +563,26 @@ def failed_runs(prepared_cache, tmp_path_factory):
     jobs["too_little_text"] = (cache, functools.partial(run_script, "prepare.py", "--num-shards", "2", cache=cache,
                                                         endpoint=tiny_hub.url))
     try:
-        with ThreadPoolExecutor(max_workers=4) as pool:
+        with ThreadPoolExecutor(max_workers=len(jobs)) as pool:
             results = {name: pool.submit(command) for name, (_, command) in jobs.items()}
             return {name: (jobs[name][0], future.result()) for name, future in results.items()}
     finally:
-        hub.close()
         tiny_hub.close()
+
+
+def closed_port_url():
+    """http://127.0.0.1:<a port that was just free>: connecting to it is refused."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return f"http://127.0.0.1:{s.getsockname()[1]}"
+
+
+def timed(run, *args, **kwargs):
+    """run(*args, **kwargs), its wall-clock seconds in .seconds."""
+    t0 = time.monotonic()
+    result = run(*args, **kwargs)
+    result.seconds = time.monotonic() - t0
+    return result
 
 
 def short_notes(shard, n_docs=40):
@@ -580,57 +598,79 @@ def assert_one_line_error(result, *fragments):
         assert fragment in lines[0], (fragment, lines[0])
 
 
-def test_missing_data_directory_fails_naming_it(failed_runs):
-    cache, result = failed_runs["without_data_dir"]
-    assert_one_line_error(result, "no data directory", str(cache / "data"), "uv run prepare.py")
+def assert_startup_error(message, *fragments):
+    """What train.py's start-up checks raise: one line, `error: ...`, with every fragment in it."""
+    assert message.startswith("error: ") and "\n" not in message, message
+    for fragment in fragments:
+        assert fragment in message, (fragment, message)
 
 
-def test_empty_data_directory_fails_naming_it(failed_runs):
-    cache, result = failed_runs["with_empty_data_dir"]
-    assert_one_line_error(result, "no shards in", str(cache / "data"), "uv run prepare.py")
+def test_missing_data_directory_fails_naming_it(broken_caches, train_startup_error):
+    cache = broken_caches["without_data_dir"]
+    assert_startup_error(train_startup_error(cache), "no data directory", str(cache / "data"), "uv run prepare.py")
+
+
+def test_empty_data_directory_fails_naming_it(broken_caches, train_startup_error):
+    cache = broken_caches["with_empty_data_dir"]
+    assert_startup_error(train_startup_error(cache), "no shards in", str(cache / "data"), "uv run prepare.py")
 
 
 def test_missing_validation_shard_fails_before_training(failed_runs):
+    """The real script: exit 1, the one line on stderr, before a step (the check that once came after training)."""
     cache, result = failed_runs["without_val_shard"]
     assert_one_line_error(result, "validation shard", str(cache / "data" / VAL_NAME), "uv run prepare.py")
-    assert "val_bpb" not in result.stdout
+    assert "step 0" not in result.stdout and "val_bpb" not in result.stdout
 
 
-def test_only_the_validation_shard_means_no_training_shards(failed_runs):
-    cache, result = failed_runs["with_only_val_shard"]
-    assert_one_line_error(result, "no training shards", str(cache / "data"), "uv run prepare.py")
+def test_only_the_validation_shard_means_no_training_shards(broken_caches, train_startup_error):
+    cache = broken_caches["with_only_val_shard"]
+    assert_startup_error(train_startup_error(cache), "no training shards", str(cache / "data"), "uv run prepare.py")
 
 
-def test_missing_tokenizer_fails_naming_its_directory(failed_runs):
-    cache, result = failed_runs["without_tokenizer"]
-    assert_one_line_error(result, "tokenizer not found", str(cache / "tokenizer"), "uv run prepare.py")
+def test_missing_tokenizer_fails_naming_its_directory(broken_caches, train_startup_error):
+    cache = broken_caches["without_tokenizer"]
+    assert_startup_error(train_startup_error(cache), "tokenizer not found", str(cache / "tokenizer"),
+                         "uv run prepare.py")
 
 
 @pytest.mark.parametrize("broken", ["with_garbage_shard", "with_textless_shard"])
-def test_unreadable_shard_fails_naming_it_and_saying_delete_and_rerun(failed_runs, broken):
-    cache, result = failed_runs[broken]
-    shard = cache / "data" / "shard_00001.parquet"
-    assert_one_line_error(result, str(shard), "Delete it and re-run `uv run prepare.py`")
+def test_unreadable_shard_fails_naming_it_and_saying_delete_and_rerun(broken_caches, train_startup_error, broken):
+    cache = broken_caches[broken]
+    assert_startup_error(train_startup_error(cache), str(cache / "data" / "shard_00001.parquet"),
+                         "Delete it and re-run `uv run prepare.py`")
 
 
-def test_prepare_with_an_unreachable_hub_fails_naming_the_shards_and_leaves_no_files(failed_runs):
-    cache, result = failed_runs["unreachable_hub"]
-    assert result.returncode == 1, result.stdout + result.stderr
-    assert "Traceback" not in result.stderr, result.stderr
-    for name in ("shard_00000.parquet", "shard_00001.parquet", VAL_NAME):
-        assert f"failed: {name}" in result.stderr
-    assert result.stderr.strip().splitlines()[-1].startswith("error: 3 shard(s) failed to download")
-    assert os.listdir(cache / "data") == []
+@pytest.mark.parametrize("case, host, reason", [("connection_refused", "127.0.0.1:", "Connection refused"),
+                                                 ("name_not_resolved", "data.invalid", "")])
+def test_prepare_with_an_unreachable_host_says_so_once_and_gives_up_within_30s(failed_runs, case, host, reason):
+    """No connection to the data host at all (offline, blocked, a wrong HF_ENDPOINT): one line naming the host
+    and the fix, exit 1 within ~30 s under the default back-off, and no file in the cache."""
+    cache, result = failed_runs[case]
+    assert result.seconds < 30, f"took {result.seconds:.0f}s\n{result.stdout}{result.stderr}"
+    assert_one_line_error(result, f"cannot reach {host}", reason, "set HF_ENDPOINT to a Hugging Face mirror",
+                          "check the network", "re-run `uv run prepare.py`")
+    assert os.listdir(cache / "data") == []  # no shard, no temporary file
     assert not (cache / "tokenizer").exists()
 
 
-def test_prepare_rejects_a_download_that_is_not_parquet_and_leaves_no_partial_file(failed_runs):
-    cache, result = failed_runs["garbage_from_hub"]
-    assert result.returncode == 1, result.stdout + result.stderr
-    assert "Traceback" not in result.stderr, result.stderr
-    assert "failed: shard_00001.parquet: the response is not a valid parquet file" in result.stderr
-    assert "Data: 2/3 shards ready" in result.stdout
-    assert sorted(os.listdir(cache / "data")) == ["shard_00000.parquet", VAL_NAME]
+@pytest.mark.parametrize("error, gives_up", [
+    (requests.ConnectTimeout("connect timeout"), True),                      # blocked: no answer to the SYN
+    (requests.exceptions.ProxyError("proxy unreachable"), True),
+    (requests.ReadTimeout("read timeout"), False),                            # connected, then a stall
+    (requests.ConnectionError("Connection aborted: RemoteDisconnected"), False),  # connected, then dropped
+])
+def test_only_a_host_that_takes_no_connection_stops_the_download_before_it_starts(monkeypatch, error, gives_up):
+    """The faults a retry can cure (a stall, a dropped connection, any HTTP status) leave the host probe to the
+    per-shard retries; only a connection that cannot be opened ends the run."""
+    def head(url, **kwargs):
+        raise error
+
+    monkeypatch.setattr(prepare.requests, "head", head)
+    if gives_up:
+        with pytest.raises(SystemExit, match=r"^error: cannot reach data\.example:8080 \("):
+            prepare.check_host_reachable("http://data.example:8080/datasets/x/shard_00000.parquet")
+    else:
+        assert prepare.check_host_reachable("http://data.example:8080/datasets/x/shard_00000.parquet") is None
 
 
 def test_prepare_with_too_little_text_for_the_tokenizer_says_how_much_and_saves_no_tokenizer(failed_runs):
@@ -647,9 +687,19 @@ def test_prepare_with_too_little_text_for_the_tokenizer_says_how_much_and_saves_
     assert (cache / "tokenizer" / ".lock").stat().st_size == 0
 
 
-def test_prepare_rejects_zero_shards_with_a_usage_error(failed_runs):
-    cache, result = failed_runs["zero_shards"]
-    assert result.returncode == 2
-    assert "usage:" in result.stderr and "--num-shards must be at least 1" in result.stderr
-    assert "Traceback" not in result.stderr
-    assert not cache.exists()
+@pytest.mark.parametrize("option, value, message", [
+    ("--num-shards", "0", "--num-shards must be at least 1"),
+    ("--num-shards", "-2", "--num-shards must be at least 1"),
+    ("--download-workers", "0", "--download-workers must be at least 1"),
+])
+def test_prepare_rejects_a_bad_option_with_a_usage_error_before_touching_the_cache(monkeypatch, capsys, tmp_path,
+                                                                                  option, value, message):
+    monkeypatch.setattr(sys, "argv", ["prepare.py", option, value])
+    monkeypatch.setattr(prepare, "DATA_DIR", str(tmp_path / "cache" / "data"))  # were the option let through
+    monkeypatch.setattr(prepare, "BASE_URL", "http://127.0.0.1:9")
+    with pytest.raises(SystemExit) as exc:
+        prepare.main()
+    assert exc.value.code == 2
+    out, err = capsys.readouterr()
+    assert out == "" and err.startswith("usage: prepare.py") and message in err
+    assert not (tmp_path / "cache").exists()

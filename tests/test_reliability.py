@@ -2,8 +2,9 @@
 Reliability of `prepare.py` and of the start-up checks on the cache: faults injected by a local HTTP server
 (errors, dropped connections, short bodies, HTML pages, 404s, stalls), a download killed with SIGKILL, two
 runs at once on one cache, and files broken on disk after the fact (caught by train.py's start-up checks,
-repaired by re-running prepare.py). Every case runs the real
-`python prepare.py --num-shards 2` and ends by checking that nothing was lost or half-written: each file in
+repaired by re-running prepare.py). The faults run the real `python prepare.py --num-shards 2`, the wire faults
+side by side; of the broken tokenizers one goes through the real scripts, the others through the same
+functions in this process. Every case ends by checking that nothing was lost or half-written: each file in
 the cache is complete and valid (byte-identical to the served shard; the tokenizer loads) or absent, and no
 *.tmp file is left behind.
 
@@ -57,6 +58,7 @@ class FaultHub:
         self.shards = dict(shards)          # name -> bytes
         self.script = dict(script or {})    # name -> list of faults, or one fault for every request
         self.log = []                       # (name, fault) per request, in order
+        self.times = []                     # time.monotonic() of each request in self.log
         self.sent = {}                      # name -> body bytes written to the socket so far
         self.hold_s, self.slow_chunk, self.slow_delay = hold_s, slow_chunk, slow_delay
         self.lock = threading.Lock()
@@ -73,6 +75,7 @@ class FaultHub:
                         s = hub.script.get(name, [])
                         fault = s.pop(0) if isinstance(s, list) and s else ("ok" if isinstance(s, list) else s)
                     hub.log.append((name, fault))
+                    hub.times.append(time.monotonic())
                 try:
                     hub._serve(self, name, fault)
                 except OSError:  # the client went away (timed out, killed): nothing to do
@@ -288,71 +291,99 @@ def copy_cache(src, dst):
 # 1-5: faults on the wire
 
 
-def test_server_errors_are_retried(make_hub, served, tmp_path):
+def missing_then_served(cache, hub):
+    """404 on every attempt, then a re-run once the hub serves the shard: (first run, the re-run's requests,
+    the re-run)."""
+    first = prepare(cache, hub)
+    hub.script[SHARD1] = []  # now served
+    before = len(hub.log)
+    rerun = prepare(cache, hub)
+    return first, hub.log[before:], rerun
+
+
+WIRE_FAULTS = {  # case -> (the hub's script, what it runs against the hub: cache, hub -> result)
+    "server_errors": ({SHARD0: [500, 503], SHARD1: [503], VAL: [500, 500, 503]}, prepare),
+    "dropped_and_short": ({SHARD0: ["drop", "drop"], SHARD1: ["short"], VAL: ["short", "drop"]}, prepare),
+    "html": ({SHARD0: "html"}, prepare),
+    "missing": ({SHARD1: 404}, missing_then_served),
+    # each attempt times out after AUTORESEARCH_HTTP_TIMEOUT = 1 s
+    "stalled": ({SHARD0: ["stall", "stall_mid"], VAL: "stall"},
+                lambda cache, hub: prepare(cache, hub, extra_env={"AUTORESEARCH_HTTP_TIMEOUT": "1"})),
+}
+
+
+@pytest.fixture(scope="module")
+def wire(served, tmp_path_factory):
+    """Every case of WIRE_FAULTS, each against a hub of its own, side by side (they spend most of their time
+    importing torch or waiting on a stalled socket): case -> (cache, hub, result)."""
+    root = tmp_path_factory.mktemp("wire")
+    hubs = {case: FaultHub(served, script) for case, (script, _) in WIRE_FAULTS.items()}
+    try:
+        with ThreadPoolExecutor(max_workers=len(WIRE_FAULTS)) as pool:
+            futures = {case: pool.submit(run, root / case, hubs[case]) for case, (_, run) in WIRE_FAULTS.items()}
+            yield {case: (root / case, hubs[case], f.result()) for case, f in futures.items()}
+    finally:
+        for hub in hubs.values():
+            hub.close()
+
+
+def test_server_errors_are_retried(wire, served):
     """500/503 then success: retried, every shard complete, exit 0."""
-    hub = make_hub({SHARD0: [500, 503], SHARD1: [503], VAL: [500, 500, 503]})
-    r = prepare(tmp_path / "cache", hub)
+    cache, hub, r = wire["server_errors"]
     assert r.returncode == 0, output(r)
     assert hub.requests_for(SHARD0) == [500, 503, "ok"]
     assert hub.requests_for(SHARD1) == [503, "ok"]
     assert hub.requests_for(VAL) == [500, 500, 503, "ok"]
-    assert_cache_intact(tmp_path / "cache", served, shards=served, tokenizer=True)
+    assert_cache_intact(cache, served, shards=served, tokenizer=True)
 
 
-def test_dropped_connection_and_short_body_are_never_promoted(make_hub, served, tmp_path):
+def test_dropped_connection_and_short_body_are_never_promoted(wire, served):
     """Connection reset mid-body, or a body shorter than its Content-Length: retried, never taken for a shard."""
-    hub = make_hub({SHARD0: ["drop", "drop"], SHARD1: ["short"], VAL: ["short", "drop"]})
-    r = prepare(tmp_path / "cache", hub)
+    cache, hub, r = wire["dropped_and_short"]
     assert r.returncode == 0, output(r)
     assert hub.requests_for(SHARD0) == ["drop", "drop", "ok"]
     assert hub.requests_for(SHARD1) == ["short", "ok"]
     assert hub.requests_for(VAL) == ["short", "drop", "ok"]
-    assert_cache_intact(tmp_path / "cache", served, shards=served, tokenizer=True)
-
-
-def test_html_error_page_is_rejected(make_hub, served, tmp_path):
-    """An HTML page with status 200 on every attempt: not promoted, named on stderr, exit non-zero."""
-    hub = make_hub({SHARD0: "html"})
-    r = prepare(tmp_path / "cache", hub)
-    assert_clean_failure(r, SHARD0)
-    assert "not a valid parquet file" in r.stderr, output(r)
-    assert hub.requests_for(SHARD0) == ["html"] * 5  # every attempt made, none taken
-    assert_cache_intact(tmp_path / "cache", served, shards=[SHARD1, VAL], tokenizer=False)
-
-
-def test_missing_shard_is_named_and_rerun_fetches_only_it(make_hub, served, tmp_path):
-    """404 on every attempt: the others complete, the missing one is named, exit non-zero; a re-run once the
-    hub serves it fetches that one file only."""
-    cache = tmp_path / "cache"
-    hub = make_hub({SHARD1: 404})
-    r = prepare(cache, hub)
-    assert_clean_failure(r, SHARD1, "HTTP 404")
-    assert "re-run `uv run prepare.py`" in r.stderr, output(r)
-    assert_cache_intact(cache, served, shards=[SHARD0, VAL], tokenizer=False)
-
-    hub.script[SHARD1] = []  # now served
-    hub.log.clear()
-    r = prepare(cache, hub)
-    assert r.returncode == 0, output(r)
-    assert hub.log == [(SHARD1, "ok")], "the re-run fetched more than the missing shard"
-    assert "2/3 shards already" in r.stdout, output(r)
     assert_cache_intact(cache, served, shards=served, tokenizer=True)
 
 
-def test_stalled_server_times_out_and_retries(make_hub, served, tmp_path):
+def test_html_error_page_is_rejected(wire, served):
+    """An HTML page with status 200 on every attempt: not promoted, named on stderr, exit non-zero."""
+    cache, hub, r = wire["html"]
+    assert_clean_failure(r, SHARD0)
+    assert f"failed: {SHARD0}: the response is not a valid parquet file" in r.stderr, output(r)
+    assert "Data: 2/3 shards ready" in r.stdout, output(r)
+    assert hub.requests_for(SHARD0) == ["html"] * 5  # every attempt made, none taken
+    assert_cache_intact(cache, served, shards=[SHARD1, VAL], tokenizer=False)
+
+
+def test_missing_shard_is_named_and_rerun_fetches_only_it(wire, served):
+    """404 on every attempt: the others complete, the missing one is named, exit non-zero; a re-run once the
+    hub serves it fetches that one file only."""
+    cache, hub, (r, rerun_requests, rerun) = wire["missing"]
+    assert_clean_failure(r, SHARD1, "HTTP 404")
+    assert "re-run `uv run prepare.py`" in r.stderr, output(r)
+    assert hub.requests_for(SHARD1)[:5] == [404] * 5
+    assert rerun.returncode == 0, output(rerun)
+    assert rerun_requests == [(SHARD1, "ok")], "the re-run fetched more than the missing shard"
+    assert "2/3 shards already" in rerun.stdout, output(rerun)
+    assert_cache_intact(cache, served, shards=served, tokenizer=True)
+
+
+def test_stalled_server_times_out_and_retries(wire, served):
     """A server that accepts and sends nothing, or stops mid-body: each attempt times out after
     AUTORESEARCH_HTTP_TIMEOUT seconds and is retried. Shard 0 completes once the stall clears; the
-    validation shard, stalled on every attempt, fails cleanly and is named. All in bounded time."""
-    hub = make_hub({SHARD0: ["stall", "stall_mid"], VAL: "stall"})
-    t0 = time.monotonic()
-    r = prepare(tmp_path / "cache", hub, extra_env={"AUTORESEARCH_HTTP_TIMEOUT": "1"})
-    elapsed = time.monotonic() - t0
-    assert elapsed < 30, f"took {elapsed:.0f}s\n{output(r)}"
+    validation shard, stalled on every attempt, fails cleanly and is named. Each retry comes within seconds
+    (an attempt that did not time out would wait for the hub's 20 s hold)."""
+    cache, hub, r = wire["stalled"]
+    starts = [t for (name, _), t in zip(hub.log, hub.times) if name == VAL]
+    gaps = [b - a for a, b in zip(starts, starts[1:])]
+    assert max(gaps) < 10, f"seconds between attempts: {gaps}\n{output(r)}"  # 1 s timeout + <= 0.4 s back-off
     assert_clean_failure(r, VAL)
     assert SHARD0 not in r.stderr, output(r)
     assert hub.requests_for(SHARD0) == ["stall", "stall_mid", "ok"]
     assert hub.requests_for(VAL) == ["stall"] * 5
-    assert_cache_intact(tmp_path / "cache", served, shards=[SHARD0, SHARD1], tokenizer=False)
+    assert_cache_intact(cache, served, shards=[SHARD0, SHARD1], tokenizer=False)
 
 
 # -----------------------------------------------------------------------------
@@ -393,7 +424,7 @@ def test_sigkill_mid_download_then_rerun(make_hub, served, tmp_path):
     assert_cache_intact(cache, served, shards=served, tokenizer=True)
 
 
-def test_ctrl_c_starts_no_further_download(make_hub, served, tmp_path):
+def test_ctrl_c_starts_no_further_download(make_hub, served, tmp_path, sigint_reaches_children):
     """SIGINT (Ctrl-C) mid-download: the download in flight ends, no queued one starts (before the fix the
     whole queue still ran: with --num-shards -1, thousands of shards), and nothing half-written is left."""
     cache = tmp_path / "cache"
@@ -476,32 +507,55 @@ def test_broken_shard_on_disk_is_reported_and_downloaded_again(make_hub, served,
 TOKENIZER_FAULTS = [(f, how) for f in ("tokenizer.pkl", "token_bytes.pt") for how in ("garbage", "truncated", "missing")]
 
 
-def test_broken_tokenizer_is_reported_and_retrained(make_hub, served, tmp_path, prepared_cache):
+def break_tokenizer(cache, filename, how):
+    path = cache / "tokenizer" / filename
+    if how == "garbage":
+        path.write_bytes(random.Random(1).randbytes(4096))
+    elif how == "truncated":
+        path.write_bytes(path.read_bytes()[:path.stat().st_size // 2])
+    else:
+        path.unlink()
+
+
+def train_tokenizer_in_process(cache, monkeypatch, capsys):
+    """prepare.py's tokenizer step (what `python prepare.py` runs after the download) on `cache`; its stdout."""
+    prepare = prepare_module()
+    tok = cache / "tokenizer"
+    with monkeypatch.context() as m:
+        for name, value in [("DATA_DIR", cache / "data"), ("TOKENIZER_DIR", tok),
+                            ("TOKENIZER_FILE", tok / "tokenizer.pkl"), ("TOKEN_BYTES_FILE", tok / "token_bytes.pt")]:
+            m.setattr(prepare, name, str(value))
+        capsys.readouterr()
+        prepare.train_tokenizer()
+    return capsys.readouterr().out
+
+
+@pytest.mark.parametrize("filename, how", TOKENIZER_FAULTS)
+def test_broken_tokenizer_is_reported_and_retrained(served, tmp_path, prepared_cache, train_startup_error,
+                                                    monkeypatch, capsys, filename, how):
     """tokenizer.pkl or token_bytes.pt garbage, truncated or missing: train.py's start-up check says in one
-    line to re-run prepare (exit 1, no traceback); re-running prepare.py trains the tokenizer again.
+    line to re-run prepare, and prepare.py's tokenizer step trains it again (both in this process; the next
+    test runs the real scripts on a broken tokenizer)."""
+    cache = copy_cache(prepared_cache, tmp_path / "cache")
+    break_tokenizer(cache, filename, how)
+    tok = cache / "tokenizer"
+    message = train_startup_error(cache)
+    named = str(tok) if how == "missing" else str(tok / filename)  # missing: "tokenizer not found in <dir>"
+    assert message.startswith("error: ") and "\n" not in message, message
+    assert named in message and "uv run prepare.py" in message, message
+    assert "Tokenizer: trained" in train_tokenizer_in_process(cache, monkeypatch, capsys)
+    assert_cache_intact(cache, served, shards=served, tokenizer=True)
 
-    The six cases run three at a time, to keep the file's run time down."""
+
+def test_broken_tokenizer_through_the_real_scripts(make_hub, served, tmp_path, prepared_cache):
+    """The same through `python train.py` (exit 1, one line, no traceback) and `python prepare.py` (trains it
+    again, downloads nothing)."""
+    cache = copy_cache(prepared_cache, tmp_path / "cache")
+    break_tokenizer(cache, "token_bytes.pt", "truncated")
+    assert_one_line_error(startup_check(cache), str(cache / "tokenizer" / "token_bytes.pt"))
     hub = make_hub()
-
-    def run_case(case):
-        filename, how = case
-        cache = copy_cache(prepared_cache, tmp_path / f"{filename}-{how}")
-        path = cache / "tokenizer" / filename
-        if how == "garbage":
-            path.write_bytes(random.Random(1).randbytes(4096))
-        elif how == "truncated":
-            path.write_bytes(path.read_bytes()[:path.stat().st_size // 2])
-        else:
-            path.unlink()
-        return cache, startup_check(cache), prepare(cache, hub)
-
-    with ThreadPoolExecutor(max_workers=3) as pool:
-        results = list(pool.map(run_case, TOKENIZER_FAULTS))
-    for (filename, how), (cache, checked, repaired) in zip(TOKENIZER_FAULTS, results):
-        tok = cache / "tokenizer"
-        named = str(tok) if how == "missing" else str(tok / filename)  # missing: "tokenizer not found in <dir>"
-        assert_one_line_error(checked, named)
-        assert repaired.returncode == 0, f"{filename} {how}\n{output(repaired)}"
-        assert "Tokenizer: trained" in repaired.stdout, f"{filename} {how}\n{output(repaired)}"
-        assert_cache_intact(cache, served, shards=served, tokenizer=True)
+    repaired = prepare(cache, hub)
+    assert repaired.returncode == 0, output(repaired)
+    assert "Tokenizer: trained" in repaired.stdout, output(repaired)
     assert hub.log == [], "repairing the tokenizer downloaded shards again"
+    assert_cache_intact(cache, served, shards=served, tokenizer=True)
