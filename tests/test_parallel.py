@@ -64,6 +64,12 @@ def uv_free(command):
     return command.replace(uv, shlex.quote(sys.executable) + " ")
 
 
+def slot_env(cache, **extra):
+    """test_loop's environment for the agent, with one torch thread per run: two runs side by side on a CPU
+    need a core each (docs/multi-gpu.md), as each needs a GPU of its own on a GPU box."""
+    return dict(agent_env(cache), OMP_NUM_THREADS="1", **extra)
+
+
 def wave(slots):
     """The file's wave block for `slots` [(n, seed)]: its first line once per slot, then `wait`. <gpu> is
     empty: no GPU is visible, so every run uses the CPU settings, on any machine."""
@@ -189,8 +195,7 @@ def fake_sky(tmp_path, env):
 def test_two_slots_run_at_once_merge_the_winner_run_on_skypilot_and_confirm(prepared_cache, tmp_path):
     repo = tmp_path / "repo"
     repo.mkdir()
-    env = agent_env(prepared_cache)
-    env["AUTORESEARCH_RULE"] = "plain"  # one run per experiment: a baseline and an idea can share a wave
+    env = slot_env(prepared_cache, AUTORESEARCH_RULE="plain")  # one run each: a baseline and an idea share a wave
     sky_state = fake_sky(tmp_path, env)
     make_repo(repo, env)
     agent = Agent(repo, env)
@@ -239,9 +244,10 @@ def test_two_slots_run_at_once_merge_the_winner_run_on_skypilot_and_confirm(prep
     assert agent.git("branch", "--show-current") == f"autoresearch/{TAG}"
 
     # Wave 2 on SkyPilot clusters ar-0 (launched) and ar-1 (up already), two new ideas on top of the branch. The
-    # clusters' runs are played by the stand-in `sky`: each job's log is the baseline's local log (the same
-    # settings) with the seed asked for and the val_bpb this test wants, so that both ideas win.
-    ideas = [new_idea(agent, slots[0], 0, "EMBEDDING_LR", "0.5"), new_idea(agent, slots[1], 1, "WARMDOWN_RATIO", "0.3")]
+    # clusters' runs are played by the stand-in `sky`: each job's log is the baseline's local log (seed 42, the
+    # same settings) with the val_bpb this test wants, so that both ideas win.
+    ideas = [new_idea(agent, slots[0], 0, "EMBEDDING_LR", "0.5"),
+             new_idea(agent, slots[1], 1, "WARMDOWN_RATIO", "0.3")]
     best_bpb = min(float(r[1]) for r in got if r[3] == "keep")
     local = (slots[0] / "run.log").read_text()
     for commit, bpb in zip(ideas, (best_bpb - 0.01, best_bpb - 0.02)):
@@ -274,6 +280,7 @@ def test_two_slots_run_at_once_merge_the_winner_run_on_skypilot_and_confirm(prep
 
     # The morning: the confirmation wave, baseline and best under the first confirmation seed, recorded out of
     # order; then `confirm` names the next run
+    assert "`uv run analysis.py confirm`" in (ROOT / DOC).read_text()
     said = agent.sh(uv_free("uv run analysis.py confirm")).stdout.strip()
     m = re.match(r"run (\w+) with seed (\d+): confirmation 1 of 6 \(the baseline; baseline (\w+) and best (\w+) "
                  r"under seeds 1001, 1002, 1003,", said)
@@ -289,7 +296,7 @@ def test_two_slots_run_at_once_merge_the_winner_run_on_skypilot_and_confirm(prep
     got = rows(repo)
     assert [(r[0], r[5], r[10]) for r in got[4:]] == [(ideas[1], "1001", "confirm"), (base, "1001", "confirm")]
     assert [r[3] for r in got] == ["keep", "keep" if idea_won else "discard", "discard", "keep", "keep", "keep"]
-    agent.sh(merge, tag=TAG)  # the confirmation rows never move the branch
+    agent.sh(merge, tag=TAG)  # the last row marked keep is the baseline's confirmation run: it moves nothing
     assert agent.git("rev-parse", "--short=7", "HEAD") == ideas[1]
 
     # cleaning up: the worktrees, then the clusters
@@ -308,7 +315,7 @@ def test_a_run_killed_mid_wave_leaves_the_other_row_and_the_file_whole(prepared_
     still finishes and records; the killed one records as a crash with its seed."""
     repo = tmp_path / "repo"
     repo.mkdir()
-    env = agent_env(prepared_cache)
+    env = slot_env(prepared_cache)
     make_repo(repo, env)
     agent = Agent(repo, env)
     slots = setup_slots(agent, repo, 2)
