@@ -1,10 +1,11 @@
 """
-docs/program-multi-gpu.md played with its own shell commands on a CPU, as an agent with two slots would: two
+docs/program-multi-gpu.md played with its own shell commands on a CPU, as an agent with slots would: two
 commits run the real train.py at the same time in two git worktrees, on one prepared cache, and record into the
-one results.tsv; the branch moves to the winner; a wave on SkyPilot clusters (a stand-in `sky` on PATH) is
-collected and recorded like a local one, and a winner left off the branch is tried again on top; the morning's
-confirmation runs as a wave; a run killed with SIGKILL mid-wave leaves the other run's row and the file whole;
-and skypilot.yaml and every `sky` command of the file load with SkyPilot's own parsers (no cloud contacted).
+one results.tsv, while a third run, killed with SIGKILL, records as a crash and leaves the file whole; the
+branch moves to the winner; a wave on SkyPilot clusters (a stand-in `sky` on PATH) is collected and recorded
+like a local one, and a winner left off the branch is tried again on top; the morning's confirmation runs as a
+wave; and skypilot.yaml and every `sky` command of the file load with SkyPilot's own parsers (no cloud
+contacted).
 
 Run: uv run pytest tests/test_parallel.py
 """
@@ -82,9 +83,9 @@ def wave(slots):
     return "\n".join(lines + ["wait"])
 
 
-def play_wave(agent, slots, timeout=900):
-    """Plays the wave and watches each slot's run.log: returns, per slot, when its first training step was
-    logged and when its summary was, as seen from here."""
+def play_wave(agent, slots, timeout=900, poll=lambda: None):
+    """Plays the wave and watches each slot's run.log, calling `poll` as it does: returns, per slot, when its
+    first training step was logged and when its summary was, as seen from here."""
     logs = [agent.repo / ".worktrees" / str(n) / "run.log" for n, _ in slots]
     for log in logs:
         log.unlink(missing_ok=True)
@@ -94,6 +95,7 @@ def play_wave(agent, slots, timeout=900):
     deadline = time.time() + timeout
     try:
         while True:
+            poll()
             finished, now = proc.poll() is not None, time.time()
             for times, log in zip(seen, logs):
                 text = log.read_text(errors="replace") if log.exists() else ""
@@ -155,6 +157,14 @@ def edit(agent, commit):
     return [x for x in diff if x[:1] in ("+", "-") and not x.startswith(("+++", "---"))]
 
 
+def add_job(agent, sky_state, log, commit, seed, val_bpb):
+    """The log the stand-in `sky` serves for `commit` under `seed`: a local run's log (of the same settings) with
+    that seed and val_bpb."""
+    log = re.sub(r"^val_bpb: .*$", f"val_bpb:          {val_bpb:.6f}", log, flags=re.M)
+    log = re.sub(r"^seed: .*$", f"seed:             {seed}", log, flags=re.M)
+    (sky_state / "jobs" / f"{agent.git('rev-parse', commit)}-{seed}.log").write_text(log)
+
+
 # A stand-in for SkyPilot's `sky`: it writes down every call, and `sky logs ar-<n>` prints the log of the job
 # last started on that cluster, as SkyPilot would: each line with Ray's "(autoresearch, pid=N) " prefix, then
 # a line of its own. The job's log is one this test wrote under jobs/<COMMIT>-<SEED>.log.
@@ -192,34 +202,60 @@ def fake_sky(tmp_path, env):
 # A night in miniature on two slots
 
 
-def test_two_slots_run_at_once_merge_the_winner_run_on_skypilot_and_confirm(prepared_cache, tmp_path):
+def test_slots_run_at_once_survive_a_killed_run_merge_the_winner_run_on_skypilot_and_confirm(prepared_cache, tmp_path):
     repo = tmp_path / "repo"
     repo.mkdir()
     env = slot_env(prepared_cache, AUTORESEARCH_RULE="plain")  # one run each: a baseline and an idea share a wave
     sky_state = fake_sky(tmp_path, env)
     make_repo(repo, env)
     agent = Agent(repo, env)
-    slots = setup_slots(agent, repo, 2)
+    slots = setup_slots(agent, repo, 3)
     base = agent.git("rev-parse", "--short=7", "HEAD")
 
-    # Wave 1: slot 0 the baseline, no edit; slot 1 an idea, committed in its own worktree
+    # Wave 1: slot 0 the baseline, no edit; slots 1 and 2 an idea each, committed in their own worktree
     agent.sh(line("commit", "git -C .worktrees/<n> checkout"), n="0", commit=f"autoresearch/{TAG}")
     idea = new_idea(agent, slots[1], 1, "MATRIX_LR", "0.05")
+    killed = new_idea(agent, slots[2], 2, "MATRIX_LR", "0.03")
     assert idea != base and agent.git("rev-parse", "--short=7", "HEAD") == base  # the root did not move
     assert "MATRIX_LR = 0.05" not in (repo / "train.py").read_text()  # nor did its files
 
+    # Slots 0 and 1 run the wave block as written. Slot 2's line runs on its own, in a process group of its own
+    # and without `timeout` (which would put the run in a group of its own again), so that it alone can be
+    # killed with SIGKILL once it trains, as a dying machine would kill it.
     before = cache_digest(prepared_cache)
-    seen = play_wave(agent, [(0, 42), (1, 42)])
-    logs = [summary(slot / "run.log") for slot in slots]
-    assert all("val_bpb" in s for s in logs), [(slot / "run.log").read_text()[-2000:] for slot in slots]
-    # at the same time, not one after the other: each run was training before the other one ended
-    (start0, end0), (start1, end1) = seen
-    assert start0 < end1 and start1 < end0, seen
+    alone = wave([(2, 42)]).splitlines()[0].removesuffix(" &").replace("timeout 600 ", "")
+    alone = subprocess.Popen(["bash", "-c", alone], cwd=repo, env=env, start_new_session=True)
+    kill_time = []
 
-    said = [record(agent, 0, "baseline"), record(agent, 1, "MATRIX_LR 0.05")]
+    def kill_slot_2_once_it_trains():
+        log = slots[2] / "run.log"
+        if not kill_time and log.exists() and "\nstep 00001 " in log.read_text(errors="replace"):
+            os.killpg(alone.pid, signal.SIGKILL)
+            kill_time.append(time.time())
+
+    try:
+        seen = play_wave(agent, [(0, 42), (1, 42)], poll=kill_slot_2_once_it_trains)
+        assert alone.wait(timeout=60) == -signal.SIGKILL and kill_time, "slot 2 was not killed while it trained"
+    finally:
+        if alone.poll() is None:
+            os.killpg(alone.pid, signal.SIGKILL)
+            alone.wait()
+    logs = [summary(slot / "run.log") for slot in slots[:2]]
+    assert all("val_bpb" in s for s in logs), [(slot / "run.log").read_text()[-2000:] for slot in slots]
+    # at the same time, not one after the other: each run was training before the other one ended, and
+    # before slot 2 was killed
+    (start0, end0), (start1, end1) = seen
+    assert start0 < end1 and start1 < end0 and kill_time[0] < min(end0, end1), (seen, kill_time)
+
+    said = [record(agent, 0, "baseline"), record(agent, 1, "MATRIX_LR 0.05"), record(agent, 2, "MATRIX_LR 0.03")]
     got = rows(repo)
-    assert [r[0] for r in got] == [base, idea]
-    assert [r[4] for r in got] == ["baseline", "MATRIX_LR 0.05"]
+    assert [r[0] for r in got] == [base, idea, killed]
+    assert [r[4] for r in got] == ["baseline", "MATRIX_LR 0.05", "MATRIX_LR 0.03"]
+    # the killed run: a crash with its seed (from its start-up line), the file whole
+    assert said[2].startswith(f"crash: {killed} has no val_bpb"), said
+    assert got[2] == [killed, "0.000000", "0.0", "crash", "MATRIX_LR 0.03", "42", "", "", "", "", "crash", "", ""]
+    assert analysis.load_results(repo / "results.tsv")[1] == []  # no warnings
+    got = got[:2]
     for row, s in zip(got, logs):  # each row is its own run's summary, nothing mixed up between the slots
         assert row[1] == f"{float(s['val_bpb']):.6f}" and row[2] == f"{float(s['peak_vram_mb']) / 1024:.1f}", row
         assert row[5:10] == ["42", "12", "sdpa", "cpu", s["init_fingerprint"]], row
@@ -251,9 +287,7 @@ def test_two_slots_run_at_once_merge_the_winner_run_on_skypilot_and_confirm(prep
     best_bpb = min(float(r[1]) for r in got if r[3] == "keep")
     local = (slots[0] / "run.log").read_text()
     for commit, bpb in zip(ideas, (best_bpb - 0.01, best_bpb - 0.02)):
-        full = agent.git("rev-parse", commit)
-        job = re.sub(r"^val_bpb: .*$", f"val_bpb:          {bpb:.6f}", local, flags=re.M)
-        (sky_state / "jobs" / f"{full}-42.log").write_text(job)
+        add_job(agent, sky_state, local, commit, 42, bpb)
     sky = doc_block("sky").splitlines()
     assert [x.split()[:2] for x in sky] == [["sky", "launch"], ["sky", "exec"], ["wait"], ["sky", "logs"]], sky
     agent.sh("\n".join([sky[0].replace("<n>", "0"), sky[1].replace("<n>", "1"), sky[2]]), seed="42")
@@ -265,21 +299,22 @@ def test_two_slots_run_at_once_merge_the_winner_run_on_skypilot_and_confirm(prep
     assert [c[:2] for c in calls[2:]] == [["logs", "ar-0"], ["logs", "ar-1"]], calls
     said = [record(agent, 0, "EMBEDDING_LR 0.5"), record(agent, 1, "WARMDOWN_RATIO 0.3")]
     got = rows(repo)
-    assert [r[0] for r in got[2:]] == ideas and [r[3] for r in got[2:]] == ["keep", "keep"], (got, said)
-    assert [r[1] for r in got[2:]] == [f"{best_bpb - 0.01:.6f}", f"{best_bpb - 0.02:.6f}"]
+    assert [r[0] for r in got[3:]] == ideas and [r[3] for r in got[3:]] == ["keep", "keep"], (got, said)
+    assert [r[1] for r in got[3:]] == [f"{best_bpb - 0.01:.6f}", f"{best_bpb - 0.02:.6f}"]
 
     # both kept; the branch moves to the second, so the first is off the branch: discarded, tried again on top
     agent.sh(merge, tag=TAG)
     assert agent.git("rev-parse", "--short=7", "HEAD") == ideas[1]
     agent.sh(uv_free(doc_block("mark")), n="0", commit=ideas[0], tag=TAG)
-    assert [r[3] for r in rows(repo)[2:]] == ["discard", "keep"]
+    assert [r[3] for r in rows(repo)[3:]] == ["discard", "keep"]
     again = agent.git("-C", str(slots[0]), "rev-parse", "HEAD")
     assert agent.git("rev-parse", f"{again}~1") == agent.git("rev-parse", f"autoresearch/{TAG}")
     assert edit(agent, again) == edit(agent, ideas[0]), edit(agent, again)  # the same edit, now on top
     assert [x[:20] for x in edit(agent, again)] == ["-EMBEDDING_LR = 0.6 ", "+EMBEDDING_LR = 0.5 "]
 
-    # The morning: the confirmation wave, baseline and best under the first confirmation seed, recorded out of
-    # order; then `confirm` names the next run
+    # The morning: the confirmation wave on the clusters, baseline and best under the first confirmation seed,
+    # recorded out of order; then `confirm` names the next run. (Wave 1 played the local wave block already; a
+    # second local wave would cost as much as the rest of this file.)
     assert "`uv run analysis.py confirm`" in (ROOT / DOC).read_text()
     said = agent.sh(uv_free("uv run analysis.py confirm")).stdout.strip()
     m = re.match(r"run (\w+) with seed (\d+): confirmation 1 of 6 \(the baseline; baseline (\w+) and best (\w+) "
@@ -288,71 +323,30 @@ def test_two_slots_run_at_once_merge_the_winner_run_on_skypilot_and_confirm(prep
     assert list(analysis.CONFIRM_SEEDS) == [1001, 1002, 1003]
     for n, commit in enumerate((base, ideas[1])):
         agent.sh(line("commit", "git -C .worktrees/<n> checkout"), n=str(n), commit=commit)
-    play_wave(agent, [(0, 1001), (1, 1001)])
+        add_job(agent, sky_state, local, commit, 1001, best_bpb - 0.001 * n)
+    agent.sh("\n".join([sky[1].replace("<n>", "0"), sky[1].replace("<n>", "1"), sky[2]]), seed="1001")
+    for n in (0, 1):
+        agent.sh(sky[3], n=str(n))
     confirm = uv_free(doc_block("confirm"))
     said = [agent.sh(confirm, n=str(n)).stdout.strip() for n in (1, 0)]
     assert said[0].startswith(f"run {base} with seed 1001: confirmation 2 of 6"), said
     assert said[1].startswith(f"run {base} with seed 1002: confirmation 3 of 6"), said
     got = rows(repo)
-    assert [(r[0], r[5], r[10]) for r in got[4:]] == [(ideas[1], "1001", "confirm"), (base, "1001", "confirm")]
-    assert [r[3] for r in got] == ["keep", "keep" if idea_won else "discard", "discard", "keep", "keep", "keep"]
+    assert [(r[0], r[5], r[10]) for r in got[5:]] == [(ideas[1], "1001", "confirm"), (base, "1001", "confirm")]
+    assert [r[3] for r in got] == ["keep", "keep" if idea_won else "discard", "crash", "discard", "keep", "keep",
+                                   "keep"]
     agent.sh(merge, tag=TAG)  # the last row marked keep is the baseline's confirmation run: it moves nothing
     assert agent.git("rev-parse", "--short=7", "HEAD") == ideas[1]
 
     # cleaning up: the worktrees, then the clusters
     cleanup = doc_block("cleanup").splitlines()
-    for n in (0, 1):
+    for n in (0, 1, 2):
         for command in cleanup:
             agent.sh(command, n=str(n))
     assert agent.git("worktree", "list", "--porcelain").count("worktree ") == 1
     assert not (repo / ".worktrees" / "0").exists()
     calls = [json.loads(x) for x in (sky_state / "calls.jsonl").read_text().splitlines()]
-    assert calls[-2:] == [["down", "--yes", "ar-0"], ["down", "--yes", "ar-1"]], calls
-
-
-def test_a_run_killed_mid_wave_leaves_the_other_row_and_the_file_whole(prepared_cache, tmp_path):
-    """The baseline's seeds 42 and 43 side by side; the second is killed with SIGKILL while it trains. The first
-    still finishes and records; the killed one records as a crash with its seed."""
-    repo = tmp_path / "repo"
-    repo.mkdir()
-    env = slot_env(prepared_cache)
-    make_repo(repo, env)
-    agent = Agent(repo, env)
-    slots = setup_slots(agent, repo, 2)
-    base = agent.git("rev-parse", "--short=7", "HEAD")
-    before = cache_digest(prepared_cache)
-
-    # each slot's line of the wave on its own, in a process group of its own, so one run can be killed alone;
-    # without `timeout`, which would put the run in a process group of its own again
-    lines = [x.removesuffix(" &").replace("timeout 600 ", "") for x in wave([(0, 42), (1, 43)]).splitlines()[:2]]
-    procs = [subprocess.Popen(["bash", "-c", x], cwd=repo, env=env, start_new_session=True) for x in lines]
-    try:
-        deadline = time.time() + 300
-        while "step 00001" not in ((slots[1] / "run.log").read_text() if (slots[1] / "run.log").exists() else ""):
-            assert time.time() < deadline and procs[1].poll() is None, "slot 1 never started training"
-            time.sleep(0.1)
-        assert procs[0].poll() is None  # the other run is still going
-        os.killpg(procs[1].pid, signal.SIGKILL)
-        assert procs[1].wait(timeout=30) == -signal.SIGKILL
-        assert procs[0].wait(timeout=600) == 0
-    finally:
-        for p in procs:
-            if p.poll() is None:
-                os.killpg(p.pid, signal.SIGKILL)
-                p.wait()
-
-    said = [record(agent, 0, "baseline"), record(agent, 1, "baseline")]
-    assert said[0].startswith("rerun with seed 43: baseline 1 of 4 seeds (42, 43, 44, 45) to measure the noise"), said
-    assert said[1].startswith(f"crash: {base} has no val_bpb"), said
-    got = rows(repo)
-    s = summary(slots[0] / "run.log")
-    assert got[0][:6] == [base, f"{float(s['val_bpb']):.6f}", f"{float(s['peak_vram_mb']) / 1024:.1f}", "keep",
-                          "baseline", "42"], got
-    assert got[0][6:] == ["12", "sdpa", "cpu", s["init_fingerprint"], "rerun", "0.01", "2048"], got
-    assert got[1] == [base, "0.000000", "0.0", "crash", "baseline", "43", "", "", "", "", "crash", "", ""], got
-    df, warnings = analysis.load_results(repo / "results.tsv")
-    assert warnings == [] and len(df) == 2
-    assert cache_digest(prepared_cache) == before
+    assert calls[-3:] == [["down", "--yes", f"ar-{n}"] for n in (0, 1, 2)], calls
 
 
 def test_every_bash_block_of_the_file_is_one_these_tests_play():
