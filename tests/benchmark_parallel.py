@@ -1,6 +1,6 @@
 """
-Wall time of a wave of 4 short experiments run 1 at a time against 2 at a time, with program.md's own commands
-for several GPUs ("More than one GPU"), on this machine's CPU. Prints one markdown table.
+Wall time of a wave of 4 short experiments run 1 at a time against 2 at a time, with the commands of
+docs/program-multi-gpu.md, on this machine's CPU. Prints one markdown table (docs/multi-gpu.md quotes it).
 
 Usage: uv run python tests/benchmark_parallel.py [--budget 5] [--threads 2 1]
 
@@ -17,7 +17,6 @@ import argparse
 import os
 import platform
 import shutil
-import subprocess
 import sys
 import tempfile
 import time
@@ -29,8 +28,8 @@ sys.path[:0] = [str(TESTS.parent), str(TESTS)]
 import torch  # noqa: E402
 
 from conftest import make_prepared_cache  # noqa: E402
-from test_loop import Agent, agent_env, block, make_repo, set_constant  # noqa: E402
-from test_parallel import TAG, cache_digest, record, summary, wave  # noqa: E402
+from test_loop import Agent, agent_env, block, make_repo  # noqa: E402
+from test_parallel import TAG, cache_digest, doc_block, line, new_idea, record, summary, wave  # noqa: E402
 
 SLOTS = 4
 IDEAS = [None, ("MATRIX_LR", "0.05"), ("MATRIX_LR", "0.03"), ("WARMDOWN_RATIO", "0.3")]  # slot 0: the baseline
@@ -71,13 +70,13 @@ def run(work, args):
     agent.sh(block("printf 'commit"))
 
     # the orchestration: a worktree per slot, one idea committed in each
-    _, t_setup = timed(lambda: [agent.sh(block("git worktree add"), n=str(n)) for n in range(SLOTS)])
+    _, t_setup = timed(lambda: [agent.sh(doc_block("add"), n=str(n)) for n in range(SLOTS)])
     t0 = time.time()
     for n, idea in enumerate(IDEAS):
-        agent.sh(block("checkout --quiet --detach <commit>"), n=str(n), commit=f"autoresearch/{TAG}")
         if idea:
-            set_constant(repo / ".worktrees" / str(n), *idea)
-            agent.sh(block("commit --quiet -m"), n=str(n), description=f"{idea[0]} {idea[1]}")
+            new_idea(agent, repo / ".worktrees" / str(n), n, *idea)
+        else:
+            agent.sh(line("commit", "git -C .worktrees/<n> checkout"), n=str(n), commit=f"autoresearch/{TAG}")
     t_commit = time.time() - t0
 
     say("warm-up run (bytecode, first imports) ...")

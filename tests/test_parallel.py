@@ -1,8 +1,11 @@
 """
-program.md's "More than one GPU", played with its own shell commands on a CPU: two slots (git worktrees) at two
-commits run the real train.py at the same time on one prepared cache and record into the one results.tsv; the
-winner is merged onto the branch; a run killed with SIGKILL leaves the other run's row and the file whole; and
-skypilot.yaml loads with SkyPilot's own parser (no cloud contacted) and runs the same command as a local run.
+docs/program-multi-gpu.md played with its own shell commands on a CPU, as an agent with slots would: two
+commits run the real train.py at the same time in two git worktrees, on one prepared cache, and record into the
+one results.tsv, while a third run, killed with SIGKILL, records as a crash and leaves the file whole; the
+branch moves to the winner; a wave on SkyPilot clusters (a stand-in `sky` on PATH) is collected and recorded
+like a local one, and a winner left off the branch is tried again on top; the morning's confirmation runs as a
+wave; and skypilot.yaml and every `sky` command of the file load with SkyPilot's own parsers (no cloud
+contacted).
 
 Run: uv run pytest tests/test_parallel.py
 """
@@ -24,34 +27,94 @@ import pytest
 
 import analysis
 from conftest import ROOT
-from test_loop import Agent, agent_env, block, make_repo, set_constant
+from test_loop import Agent, agent_env, bash_blocks, block, make_repo, set_constant
 
+DOC = "docs/program-multi-gpu.md"
 TAG = "par1"
 UV_RUN = "uv run --project ../.. "  # a slot's `uv run`: the repository's .venv, not a new one per worktree
 
+# Every bash block of the file, by a string only it holds; the tests below play each of them.
+BLOCKS = {
+    "add": "git worktree add",
+    "commit": "commit --quiet -m",
+    "wave": "CUDA_VISIBLE_DEVICES=<gpu>",
+    "record": "record --description",
+    "mark": "mark --commit <commit> --status discard",
+    "confirm": "record --confirm",
+    "sky": "sky launch",
+    "cleanup": "git worktree remove",
+}
+
+
+def doc_block(name):
+    return block(BLOCKS[name], path=DOC)
+
+
+def line(name, start):
+    """The one line of block `name` that starts with `start`."""
+    found = [x for x in doc_block(name).splitlines() if x.startswith(start)]
+    assert len(found) == 1, (name, start, found)
+    return found[0]
+
 
 def uv_free(command):
-    """A slot's command with this test's interpreter for `uv run --project ../..` (the same reason as in
-    test_loop.run_block: the interpreter running this test already is the project's environment)."""
-    assert command.count(UV_RUN) == 1, command
-    return command.replace(UV_RUN, shlex.quote(sys.executable) + " ")
+    """A command with this test's interpreter for `uv run` (the same reason as in test_loop.run_block: the
+    interpreter running this test already is the project's environment)."""
+    uv = UV_RUN if UV_RUN in command else "uv run "
+    assert command.count(uv) == 1, command
+    return command.replace(uv, shlex.quote(sys.executable) + " ")
+
+
+def slot_env(cache, **extra):
+    """test_loop's environment for the agent, with one torch thread per run: two runs side by side on a CPU
+    need a core each (docs/multi-gpu.md), as each needs a GPU of its own on a GPU box."""
+    return dict(agent_env(cache), OMP_NUM_THREADS="1", **extra)
 
 
 def wave(slots):
-    """program.md's wave block for `slots` [(n, seed)]: its first line once per slot, then `wait`. <gpu> is
+    """The file's wave block for `slots` [(n, seed)]: its first line once per slot, then `wait`. <gpu> is
     empty: no GPU is visible, so every run uses the CPU settings, on any machine."""
-    first, rest = block("CUDA_VISIBLE_DEVICES=<gpu>").split("\n", 1)
+    first, rest = doc_block("wave").split("\n", 1)
     assert rest.strip() == "wait", rest
     lines = [uv_free(first).replace("<n>", str(n)).replace("<gpu>", "").replace("<seed>", str(seed))
              for n, seed in slots]
     if shutil.which("timeout") is None:  # program.md's fallback where `timeout` is missing
-        lines = [line.replace("timeout 600 ", "") for line in lines]
+        lines = [x.replace("timeout 600 ", "") for x in lines]
     return "\n".join(lines + ["wait"])
 
 
+def play_wave(agent, slots, timeout=900, poll=lambda: None):
+    """Plays the wave and watches each slot's run.log, calling `poll` as it does: returns, per slot, when its
+    first training step was logged and when its summary was, as seen from here."""
+    logs = [agent.repo / ".worktrees" / str(n) / "run.log" for n, _ in slots]
+    for log in logs:
+        log.unlink(missing_ok=True)
+    proc = subprocess.Popen(["bash", "-c", wave(slots)], cwd=agent.repo, env=agent.env, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True)
+    seen = [[None, None] for _ in logs]
+    deadline = time.time() + timeout
+    try:
+        while True:
+            poll()
+            finished, now = proc.poll() is not None, time.time()
+            for times, log in zip(seen, logs):
+                text = log.read_text(errors="replace") if log.exists() else ""
+                for i, mark in enumerate(("\nstep 00000 ", "\nval_bpb:")):
+                    if times[i] is None and mark in text:
+                        times[i] = now
+            if finished:
+                break
+            assert now < deadline, "the wave did not end"
+            time.sleep(0.05)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.wait() == 0, proc.stdout.read()
+    return seen
+
+
 def record(agent, n, description):
-    return agent.sh(uv_free(block("--tsv ../../results.tsv record")), n=str(n), description=description,
-                    timeout=120).stdout.strip()
+    return agent.sh(uv_free(line("record", "(cd")), n=str(n), description=description, timeout=120).stdout.strip()
 
 
 def cache_digest(cache):
@@ -67,58 +130,136 @@ def summary(log):
 def rows(repo):
     lines = (repo / "results.tsv").read_text().splitlines(keepends=True)
     assert lines[0] == "\t".join(analysis.HEADER) + "\n", lines[0]
-    assert all(line.endswith("\n") and len(line.split("\t")) == len(analysis.HEADER) for line in lines[1:]), lines
-    return [line.rstrip("\n").split("\t") for line in lines[1:]]
+    assert all(x.endswith("\n") and len(x.split("\t")) == len(analysis.HEADER) for x in lines[1:]), lines
+    return [x.rstrip("\n").split("\t") for x in lines[1:]]
 
 
 def setup_slots(agent, repo, n_slots):
-    """Setup steps 2 and 5, then a worktree per slot, as program.md says."""
+    """program.md's setup steps 2 and 5, then a worktree per slot."""
     agent.sh(block("git checkout -b"), tag=TAG)
     agent.sh(block("printf 'commit"))
     for n in range(n_slots):
-        agent.sh(block("git worktree add"), n=str(n))
+        agent.sh(doc_block("add"), n=str(n))
     return [repo / ".worktrees" / str(n) for n in range(n_slots)]
 
 
+def new_idea(agent, slot, n, name, value):
+    """A slot at the branch, one constant edited, committed there; returns the commit's short hash."""
+    agent.sh(line("commit", "git -C .worktrees/<n> checkout"), n=str(n), commit=f"autoresearch/{TAG}")
+    set_constant(slot, name, value)
+    agent.sh("\n".join(doc_block("commit").splitlines()[1:]), n=str(n), description=f"{name} {value}")
+    return agent.git("-C", str(slot), "rev-parse", "--short=7", "HEAD")
+
+
+def edit(agent, commit):
+    """The lines a commit removes and adds."""
+    diff = agent.git("diff", f"{commit}~1", commit).splitlines()
+    return [x for x in diff if x[:1] in ("+", "-") and not x.startswith(("+++", "---"))]
+
+
+def add_job(agent, sky_state, log, commit, seed, val_bpb):
+    """The log the stand-in `sky` serves for `commit` under `seed`: a local run's log (of the same settings) with
+    that seed and val_bpb."""
+    log = re.sub(r"^val_bpb: .*$", f"val_bpb:          {val_bpb:.6f}", log, flags=re.M)
+    log = re.sub(r"^seed: .*$", f"seed:             {seed}", log, flags=re.M)
+    (sky_state / "jobs" / f"{agent.git('rev-parse', commit)}-{seed}.log").write_text(log)
+
+
+# A stand-in for SkyPilot's `sky`: it writes down every call, and `sky logs ar-<n>` prints the log of the job
+# last started on that cluster, as SkyPilot would: each line with Ray's "(autoresearch, pid=N) " prefix, then
+# a line of its own. The job's log is one this test wrote under jobs/<COMMIT>-<SEED>.log.
+FAKE_SKY = """
+import json, os, sys
+state, args = os.environ["FAKE_SKY_STATE"], sys.argv[1:]
+with open(os.path.join(state, "calls.jsonl"), "a") as f:
+    f.write(json.dumps(args) + "\\n")
+if args[0] in ("launch", "exec"):
+    cluster = args[args.index("--cluster") + 1] if args[0] == "launch" else args[1]
+    env = dict(a.split("=", 1) for before, a in zip(args, args[1:]) if before == "--env")
+    with open(os.path.join(state, cluster), "w") as f:
+        f.write(f"{env['COMMIT']}-{env['SEED']}")
+    print(f"Job submitted on {cluster}")
+elif args[0] == "logs":
+    with open(os.path.join(state, args[1])) as f, open(os.path.join(state, "jobs", f.read() + ".log")) as log:
+        for text in log:
+            sys.stdout.write("(autoresearch, pid=4242) " + text)
+    print("Job finished (status: SUCCEEDED).")
+"""
+
+
+def fake_sky(tmp_path, env):
+    state, bin_dir = tmp_path / "sky-state", tmp_path / "bin"
+    (state / "jobs").mkdir(parents=True)
+    bin_dir.mkdir()
+    (bin_dir / "sky.py").write_text(FAKE_SKY)
+    (bin_dir / "sky").write_text(f'#!/bin/sh\nexec {shlex.quote(sys.executable)} "$(dirname "$0")/sky.py" "$@"\n')
+    (bin_dir / "sky").chmod(0o755)
+    env.update(FAKE_SKY_STATE=str(state), PATH=f"{bin_dir}{os.pathsep}{env['PATH']}")
+    return state
+
+
 # -----------------------------------------------------------------------------
-# Two runs at once on one box
+# A night in miniature on two slots
 
 
-def test_two_commits_run_at_once_in_two_worktrees_into_one_results_tsv(prepared_cache, tmp_path):
+def test_slots_run_at_once_survive_a_killed_run_merge_the_winner_run_on_skypilot_and_confirm(prepared_cache, tmp_path):
     repo = tmp_path / "repo"
     repo.mkdir()
-    env = agent_env(prepared_cache)
-    env["AUTORESEARCH_RULE"] = "plain"  # one run per experiment: a baseline and an idea can share a wave
+    env = slot_env(prepared_cache, AUTORESEARCH_RULE="plain")  # one run each: a baseline and an idea share a wave
+    sky_state = fake_sky(tmp_path, env)
     make_repo(repo, env)
     agent = Agent(repo, env)
-    slots = setup_slots(agent, repo, 2)
+    slots = setup_slots(agent, repo, 3)
     base = agent.git("rev-parse", "--short=7", "HEAD")
 
-    # slot 0: the baseline, no edit; slot 1: an idea, committed in its own worktree
-    for n in (0, 1):
-        agent.sh(block("checkout --quiet --detach <commit>"), n=str(n), commit=f"autoresearch/{TAG}")
-    set_constant(slots[1], "MATRIX_LR", "0.05")
-    agent.sh(block("commit --quiet -m"), n="1", description="MATRIX_LR 0.05")
-    idea = agent.git("-C", str(slots[1]), "rev-parse", "--short=7", "HEAD")
+    # Wave 1: slot 0 the baseline, no edit; slots 1 and 2 an idea each, committed in their own worktree
+    agent.sh(line("commit", "git -C .worktrees/<n> checkout"), n="0", commit=f"autoresearch/{TAG}")
+    idea = new_idea(agent, slots[1], 1, "MATRIX_LR", "0.05")
+    killed = new_idea(agent, slots[2], 2, "MATRIX_LR", "0.03")
     assert idea != base and agent.git("rev-parse", "--short=7", "HEAD") == base  # the root did not move
     assert "MATRIX_LR = 0.05" not in (repo / "train.py").read_text()  # nor did its files
 
+    # Slots 0 and 1 run the wave block as written. Slot 2's line runs on its own, in a process group of its own
+    # and without `timeout` (which would put the run in a group of its own again), so that it alone can be
+    # killed with SIGKILL once it trains, as a dying machine would kill it.
     before = cache_digest(prepared_cache)
-    t0 = time.time()
-    agent.sh(wave([(0, 42), (1, 42)]), timeout=900)
-    wall = time.time() - t0
-    logs = [summary(slot / "run.log") for slot in slots]
-    assert all("val_bpb" in s for s in logs), [(slot / "run.log").read_text()[-2000:] for slot in slots]
-    # at the same time, not one after the other: the wave took less than the two runs' own wall times added up
-    assert wall < sum(float(s["total_seconds"]) for s in logs), (wall, [s["total_seconds"] for s in logs])
+    alone = wave([(2, 42)]).splitlines()[0].removesuffix(" &").replace("timeout 600 ", "")
+    alone = subprocess.Popen(["bash", "-c", alone], cwd=repo, env=env, start_new_session=True)
+    kill_time = []
 
-    said = [record(agent, 0, "baseline"), record(agent, 1, "MATRIX_LR 0.05")]
+    def kill_slot_2_once_it_trains():
+        log = slots[2] / "run.log"
+        if not kill_time and log.exists() and "\nstep 00001 " in log.read_text(errors="replace"):
+            os.killpg(alone.pid, signal.SIGKILL)
+            kill_time.append(time.time())
+
+    try:
+        seen = play_wave(agent, [(0, 42), (1, 42)], poll=kill_slot_2_once_it_trains)
+        assert alone.wait(timeout=60) == -signal.SIGKILL and kill_time, "slot 2 was not killed while it trained"
+    finally:
+        if alone.poll() is None:
+            os.killpg(alone.pid, signal.SIGKILL)
+            alone.wait()
+    logs = [summary(slot / "run.log") for slot in slots[:2]]
+    assert all("val_bpb" in s for s in logs), [(slot / "run.log").read_text()[-2000:] for slot in slots]
+    # at the same time, not one after the other: each run was training before the other one ended, and
+    # before slot 2 was killed
+    (start0, end0), (start1, end1) = seen
+    assert start0 < end1 and start1 < end0 and kill_time[0] < min(end0, end1), (seen, kill_time)
+
+    said = [record(agent, 0, "baseline"), record(agent, 1, "MATRIX_LR 0.05"), record(agent, 2, "MATRIX_LR 0.03")]
     got = rows(repo)
-    assert [r[0] for r in got] == [base, idea]
-    assert [r[4] for r in got] == ["baseline", "MATRIX_LR 0.05"]
+    assert [r[0] for r in got] == [base, idea, killed]
+    assert [r[4] for r in got] == ["baseline", "MATRIX_LR 0.05", "MATRIX_LR 0.03"]
+    # the killed run: a crash with its seed (from its start-up line), the file whole
+    assert said[2].startswith(f"crash: {killed} has no val_bpb"), said
+    assert got[2] == [killed, "0.000000", "0.0", "crash", "MATRIX_LR 0.03", "42", "", "", "", "", "crash", "", ""]
+    assert analysis.load_results(repo / "results.tsv")[1] == []  # no warnings
+    got = got[:2]
     for row, s in zip(got, logs):  # each row is its own run's summary, nothing mixed up between the slots
         assert row[1] == f"{float(s['val_bpb']):.6f}" and row[2] == f"{float(s['peak_vram_mb']) / 1024:.1f}", row
         assert row[5:10] == ["42", "12", "sdpa", "cpu", s["init_fingerprint"]], row
+        assert row[11:] == ["0.01", "2048"], row
     assert got[0][1] != got[1][1]  # two different experiments
     idea_won = float(got[1][1]) < float(got[0][1])  # the plain rule: strictly lower than the best kept
     assert [r[3] for r in got] == ["keep", "keep" if idea_won else "discard"], (got, said)
@@ -132,67 +273,93 @@ def test_two_commits_run_at_once_in_two_worktrees_into_one_results_tsv(prepared_
     assert agent.sh("git status --porcelain").stdout == ""
 
     # merging: the branch moves to the last kept commit, the one the next runs are compared with
-    agent.sh(block("git switch -C"), tag=TAG)
-    assert agent.git("rev-parse", "--short=7", "HEAD") == (idea if idea_won else base)
+    merge = line("record", "git switch -C")
+    agent.sh(merge, tag=TAG)
+    best = idea if idea_won else base
+    assert agent.git("rev-parse", "--short=7", "HEAD") == best
     assert agent.git("branch", "--show-current") == f"autoresearch/{TAG}"
 
-    # cleaning up
+    # Wave 2 on SkyPilot clusters ar-0 (launched) and ar-1 (up already), two new ideas on top of the branch. The
+    # clusters' runs are played by the stand-in `sky`: each job's log is the baseline's local log (seed 42, the
+    # same settings) with the val_bpb this test wants, so that both ideas win.
+    ideas = [new_idea(agent, slots[0], 0, "EMBEDDING_LR", "0.5"),
+             new_idea(agent, slots[1], 1, "WARMDOWN_RATIO", "0.3")]
+    best_bpb = min(float(r[1]) for r in got if r[3] == "keep")
+    local = (slots[0] / "run.log").read_text()
+    for commit, bpb in zip(ideas, (best_bpb - 0.01, best_bpb - 0.02)):
+        add_job(agent, sky_state, local, commit, 42, bpb)
+    sky = doc_block("sky").splitlines()
+    assert [x.split()[:2] for x in sky] == [["sky", "launch"], ["sky", "exec"], ["wait"], ["sky", "logs"]], sky
+    agent.sh("\n".join([sky[0].replace("<n>", "0"), sky[1].replace("<n>", "1"), sky[2]]), seed="42")
     for n in (0, 1):
-        agent.sh(block("git worktree remove").split("\n")[0], n=str(n))
+        agent.sh(sky[3], n=str(n))
+        assert (repo / ".worktrees" / f"sky-{n}.log").read_text().startswith("Job submitted on ar-")
+    calls = [json.loads(x) for x in (sky_state / "calls.jsonl").read_text().splitlines()]
+    assert sorted(c[:2] for c in calls[:2]) == [["exec", "ar-1"], ["launch", "--cluster"]], calls  # together
+    assert [c[:2] for c in calls[2:]] == [["logs", "ar-0"], ["logs", "ar-1"]], calls
+    said = [record(agent, 0, "EMBEDDING_LR 0.5"), record(agent, 1, "WARMDOWN_RATIO 0.3")]
+    got = rows(repo)
+    assert [r[0] for r in got[3:]] == ideas and [r[3] for r in got[3:]] == ["keep", "keep"], (got, said)
+    assert [r[1] for r in got[3:]] == [f"{best_bpb - 0.01:.6f}", f"{best_bpb - 0.02:.6f}"]
+
+    # both kept; the branch moves to the second, so the first is off the branch: discarded, tried again on top
+    agent.sh(merge, tag=TAG)
+    assert agent.git("rev-parse", "--short=7", "HEAD") == ideas[1]
+    agent.sh(uv_free(doc_block("mark")), n="0", commit=ideas[0], tag=TAG)
+    assert [r[3] for r in rows(repo)[3:]] == ["discard", "keep"]
+    again = agent.git("-C", str(slots[0]), "rev-parse", "HEAD")
+    assert agent.git("rev-parse", f"{again}~1") == agent.git("rev-parse", f"autoresearch/{TAG}")
+    assert edit(agent, again) == edit(agent, ideas[0]), edit(agent, again)  # the same edit, now on top
+    assert [x[:20] for x in edit(agent, again)] == ["-EMBEDDING_LR = 0.6 ", "+EMBEDDING_LR = 0.5 "]
+
+    # The morning: the confirmation wave on the clusters, baseline and best under the first confirmation seed,
+    # recorded out of order; then `confirm` names the next run. (Wave 1 played the local wave block already; a
+    # second local wave would cost as much as the rest of this file.)
+    assert "`uv run analysis.py confirm`" in (ROOT / DOC).read_text()
+    said = agent.sh(uv_free("uv run analysis.py confirm")).stdout.strip()
+    m = re.match(r"run (\w+) with seed (\d+): confirmation 1 of 6 \(the baseline; baseline (\w+) and best (\w+) "
+                 r"under seeds 1001, 1002, 1003,", said)
+    assert m and m.group(1) == m.group(3) == base and m.group(4) == ideas[1] and m.group(2) == "1001", said
+    assert list(analysis.CONFIRM_SEEDS) == [1001, 1002, 1003]
+    for n, commit in enumerate((base, ideas[1])):
+        agent.sh(line("commit", "git -C .worktrees/<n> checkout"), n=str(n), commit=commit)
+        add_job(agent, sky_state, local, commit, 1001, best_bpb - 0.001 * n)
+    agent.sh("\n".join([sky[1].replace("<n>", "0"), sky[1].replace("<n>", "1"), sky[2]]), seed="1001")
+    for n in (0, 1):
+        agent.sh(sky[3], n=str(n))
+    confirm = uv_free(doc_block("confirm"))
+    said = [agent.sh(confirm, n=str(n)).stdout.strip() for n in (1, 0)]
+    assert said[0].startswith(f"run {base} with seed 1001: confirmation 2 of 6"), said
+    assert said[1].startswith(f"run {base} with seed 1002: confirmation 3 of 6"), said
+    got = rows(repo)
+    assert [(r[0], r[5], r[10]) for r in got[5:]] == [(ideas[1], "1001", "confirm"), (base, "1001", "confirm")]
+    assert [r[3] for r in got] == ["keep", "keep" if idea_won else "discard", "crash", "discard", "keep", "keep",
+                                   "keep"]
+    agent.sh(merge, tag=TAG)  # the last row marked keep is the baseline's confirmation run: it moves nothing
+    assert agent.git("rev-parse", "--short=7", "HEAD") == ideas[1]
+
+    # cleaning up: the worktrees, then the clusters
+    cleanup = doc_block("cleanup").splitlines()
+    for n in (0, 1, 2):
+        for command in cleanup:
+            agent.sh(command, n=str(n))
     assert agent.git("worktree", "list", "--porcelain").count("worktree ") == 1
     assert not (repo / ".worktrees" / "0").exists()
+    calls = [json.loads(x) for x in (sky_state / "calls.jsonl").read_text().splitlines()]
+    assert calls[-3:] == [["down", "--yes", f"ar-{n}"] for n in (0, 1, 2)], calls
 
 
-def test_a_run_killed_mid_wave_leaves_the_other_row_and_the_file_whole(prepared_cache, tmp_path):
-    """The seeds of one commit side by side (the baseline's 42 and 43); the second is killed with SIGKILL while
-    it trains. The first still finishes and records; the killed one records as a crash with its seed."""
-    repo = tmp_path / "repo"
-    repo.mkdir()
-    env = agent_env(prepared_cache)
-    make_repo(repo, env)
-    agent = Agent(repo, env)
-    slots = setup_slots(agent, repo, 2)
-    base = agent.git("rev-parse", "--short=7", "HEAD")
-    before = cache_digest(prepared_cache)
-
-    # each slot's line of the wave on its own, in a process group of its own, so one run can be killed alone;
-    # without `timeout`, which would put the run in a process group of its own again
-    lines = [line.removesuffix(" &").replace("timeout 600 ", "") for line in wave([(0, 42), (1, 43)]).splitlines()[:2]]
-    procs = [subprocess.Popen(["bash", "-c", line], cwd=repo, env=env, start_new_session=True) for line in lines]
-    try:
-        deadline = time.time() + 300
-        while "step 00001" not in ((slots[1] / "run.log").read_text() if (slots[1] / "run.log").exists() else ""):
-            assert time.time() < deadline and procs[1].poll() is None, "slot 1 never started training"
-            time.sleep(0.1)
-        assert procs[0].poll() is None  # the other run is still going
-        os.killpg(procs[1].pid, signal.SIGKILL)
-        assert procs[1].wait(timeout=30) == -signal.SIGKILL
-        assert procs[0].wait(timeout=600) == 0
-    finally:
-        for p in procs:
-            if p.poll() is None:
-                os.killpg(p.pid, signal.SIGKILL)
-                p.wait()
-
-    said = [record(agent, 0, "baseline"), record(agent, 1, "baseline")]
-    assert said[0].startswith("rerun with seed 43: baseline 1 of 4 runs"), said
-    assert said[1].startswith(f"crash: {base} has no val_bpb"), said
-    got = rows(repo)
-    s = summary(slots[0] / "run.log")
-    assert got[0][:6] == [base, f"{float(s['val_bpb']):.6f}", f"{float(s['peak_vram_mb']) / 1024:.1f}", "keep",
-                          "baseline", "42"], got
-    assert got[0][6:] == ["12", "sdpa", "cpu", s["init_fingerprint"], "rerun"], got
-    assert got[1] == [base, "0.000000", "0.0", "crash", "baseline", "43", "", "", "", "", "crash"], got
-    df, warnings = analysis.load_results(repo / "results.tsv")
-    assert warnings == [] and len(df) == 2
-    assert cache_digest(prepared_cache) == before
+def test_every_bash_block_of_the_file_is_one_these_tests_play():
+    assert sorted(bash_blocks(DOC)) == sorted(doc_block(name) for name in BLOCKS)
+    placeholders = set(re.findall(r"<[a-z]+>", "".join(bash_blocks(DOC))))
+    assert placeholders == {"<n>", "<gpu>", "<seed>", "<commit>", "<tag>", "<description>"}, placeholders
 
 
 # -----------------------------------------------------------------------------
-# SkyPilot: the task file and the logs it produces
+# SkyPilot: the task file, the commands and the logs they produce
 
 
-LOAD_SKYPILOT_YAML = """
+LOAD_SKYPILOT = """
 import json, socket, sys
 attempts = []
 def refuse(*args, **kwargs):
@@ -201,6 +368,7 @@ def refuse(*args, **kwargs):
 socket.socket.connect = socket.socket.connect_ex = refuse
 socket.create_connection = refuse
 import sky
+from sky.client.cli import command
 from sky.utils import dag_utils
 try:
     sky.Task.from_yaml(sys.argv[1])
@@ -210,18 +378,36 @@ except ValueError as e:
 # what `sky launch skypilot.yaml --env COMMIT=... --env SEED=...` builds its task with
 task, = dag_utils.load_chain_dag_from_yaml(sys.argv[1], env_overrides=[("COMMIT", "abc1234"), ("SEED", "43")]).tasks
 resources, = task.resources
+# each `sky` command line, as SkyPilot's own command line parses it (parsed only, never run)
+parsed = []
+for args in json.loads(sys.argv[2]):
+    group = command.cli.make_context("sky", list(args))
+    params = command.cli.get_command(group, args[0]).make_context(args[0], args[1:], parent=group).params
+    parsed.append({k: list(v) if isinstance(v, tuple) else v for k, v in params.items()})
 print(json.dumps({"name": task.name, "workdir": task.workdir, "setup": task.setup, "run": task.run,
                   "envs": task.envs, "accelerators": resources.accelerators, "num_nodes": task.num_nodes,
-                  "missing_commit": missing, "connections": attempts}))
+                  "missing_commit": missing, "commands": parsed, "connections": attempts}))
 """
 
 
+def sky_argv(command):
+    """A `sky` line of the file as its arguments: placeholders and the slot's commit filled in, redirections
+    and `&` left out."""
+    command = command.replace("$(git -C .worktrees/<n> rev-parse HEAD)", "0123abcd" * 5)
+    args = shlex.split(command.replace("<n>", "0").replace("<seed>", "43"))
+    assert args[0] == "sky", command
+    return args[1:args.index(">")] if ">" in args else args[1:]
+
+
 @pytest.mark.skipif(find_spec("sky") is None, reason="needs skypilot (the dev dependency group)")
-def test_skypilot_yaml_loads_with_skypilots_parser_and_runs_the_local_command(tmp_path):
+def test_skypilot_yaml_and_the_sky_commands_load_with_skypilots_parsers(tmp_path):
+    lines = [x for x in doc_block("sky").splitlines() + doc_block("cleanup").splitlines() if x.startswith("sky ")]
+    argv = [sky_argv(x) for x in lines]
+    assert [a[0] for a in argv] == ["launch", "exec", "logs", "down"], argv
     env = {k: v for k, v in os.environ.items() if not k.startswith(("SKYPILOT", "AUTORESEARCH_"))}
     env.update(HOME=str(tmp_path), SKYPILOT_DISABLE_USAGE_COLLECTION="1")  # its state under tmp_path, not ~/.sky
-    r = subprocess.run([sys.executable, "-c", LOAD_SKYPILOT_YAML, str(ROOT / "skypilot.yaml")], cwd=ROOT, env=env,
-                       capture_output=True, text=True, timeout=300)
+    r = subprocess.run([sys.executable, "-c", LOAD_SKYPILOT, str(ROOT / "skypilot.yaml"), json.dumps(argv)], cwd=ROOT,
+                       env=env, capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stdout + r.stderr
     task = json.loads(r.stdout.strip().splitlines()[-1])
     assert task["connections"] == []  # parsed offline: no cloud, no API server
@@ -232,13 +418,22 @@ def test_skypilot_yaml_loads_with_skypilots_parser_and_runs_the_local_command(tm
     assert re.search(r"^uv sync$", task["setup"], re.M) and re.search(r"^uv run prepare\.py$", task["setup"], re.M)
 
     # the run: the commit, then program.md's own rerun command with its output in the job's log, not run.log
-    local = block("AUTORESEARCH_SEED=<seed>", "uv run train.py > run.log 2>&1").strip()  # the loop's rerun, step 8
-    assert local.endswith(" > run.log 2>&1") and "\n" not in local, local
+    local, = [b.strip() for b in bash_blocks() if b.startswith("AUTORESEARCH_SEED=<seed>") and b.count("\n") == 1]
+    assert local.endswith(" uv run train.py > run.log 2>&1"), local  # the loop's rerun, step 8 of program.md
     expected = local.removesuffix(" > run.log 2>&1").replace("<seed>", "${SEED}")
     run = task["run"].splitlines()
     assert expected in run, (expected, run)
-    checkout = [i for i, line in enumerate(run) if re.search(r'\bgit\b.* checkout .*"\$\{COMMIT\}"$', line)]
+    checkout = [i for i, x in enumerate(run) if re.search(r'\bgit\b.* checkout .*"\$\{COMMIT\}"$', x)]
     assert checkout and checkout[0] < run.index(expected), run
+
+    # the commands: the task file with the slot's commit and seed; a run that does not wait; a log that does
+    launch, exec_, logs, down = task["commands"]
+    for c in (launch, exec_):
+        assert c["entrypoint"] == ["skypilot.yaml"] and c["detach_run"] is True, c
+        assert c["env"] == [["COMMIT", "0123abcd" * 5], ["SEED", "43"]] and c["cluster"] == "ar-0", c
+    assert launch["idle_minutes_to_autostop"] == 30 and launch["down"] is True and launch["yes"] is True, launch
+    assert logs["cluster"] == "ar-0" and logs["follow"] is True and logs["job_ids"] == [], logs
+    assert down["clusters"] == ["ar-0"] and down["yes"] is True, down
 
 
 def test_a_log_collected_with_sky_logs_records_like_a_local_one(tmp_path):
@@ -261,15 +456,17 @@ def test_a_log_collected_with_sky_logs_records_like_a_local_one(tmp_path):
         attention:        fa3
         device:           NVIDIA H100 80GB HBM3
         init_fingerprint: 5d41402abc4b
+        time_budget:      300
+        eval_tokens:      20971520
         """)
-    ray = "".join(f"(autoresearch, pid=4242) {line}\n" for line in local.splitlines())
-    slurm = "".join(f"\x1b[36m(autoresearch, pid=4242)\x1b[0m {line}\n" for line in local.splitlines())
+    ray = "".join(f"(autoresearch, pid=4242) {x}\n" for x in local.splitlines())
+    slurm = "".join(f"\x1b[36m(autoresearch, pid=4242)\x1b[0m {x}\n" for x in local.splitlines())
     tail = "✓ Job finished (status: SUCCEEDED).\n"
     expected = analysis.make_row(analysis.parse_log(local), "abc1234", "x")
     assert expected[1:4] == ["0.997900", "44.0", "discard"] and expected[5:10] == [
-        "43", "953", "fa3", "NVIDIA H100 80GB HBM3", "5d41402abc4b"]
+        "43", "953", "fa3", "NVIDIA H100 80GB HBM3", "5d41402abc4b"] and expected[11:] == ["300", "20971520"]
     for collected in (ray + tail, slurm + tail, "Tailing logs of job 3 on cluster 'ar-0'...\n" + ray):
         assert analysis.make_row(analysis.parse_log(collected), "abc1234", "x") == expected
-    crashed = "".join(f"(autoresearch, pid=4242) {line}\n" for line in local.splitlines()[:2]) + tail
+    crashed = "".join(f"(autoresearch, pid=4242) {x}\n" for x in local.splitlines()[:2]) + tail
     assert analysis.make_row(analysis.parse_log(crashed), "abc1234", "x")[1:6] == ["0.000000", "0.0", "crash", "x",
                                                                                    "43"]
