@@ -581,7 +581,8 @@ def record(tsv, summary, commit, description=None, rule="noise", confirm=False):
             if conf is None or commit not in (conf["baseline"], conf["best"]):
                 raise RecordError(f"commit {commit} is not one to confirm; `uv run analysis.py confirm` names the "
                                   "commit and seed to run")
-            row[HEADER.index("status")] = before.loc[before["commit"] == commit, "status"].iloc[-1]
+            if row[3] != "crash":  # a confirmation run takes its commit's status; it never sets one
+                row[3] = before.loc[before["commit"] == commit, "status"].iloc[-1]
             row[HEADER.index("verdict")] = "confirm"
             lines.append("\t".join(row))
             _replace(tsv, lines)
