@@ -224,10 +224,11 @@ def step_outliers(rows):
 def evidence(df, like):
     """The runs that count, under the conditions `like`: ({commit: {seed: val_bpb}} in order of first appearance,
     repeats under one seed averaged; {commit: the best kept commit when it first ran}; {line: note} of the runs left out
-    as num_steps outliers). A run without a seed (an older file) counts as a seed of its own."""
+    as num_steps outliers; {(commit, seed): init_fingerprint}). A run without a seed (an older file) counts as a seed
+    of its own."""
     rows = [r for r in _results(df).to_dict("records") if not _differs(r, like)]
     left_out = step_outliers(rows)
-    values, best_before, last_keep = {}, {}, None
+    values, best_before, last_keep, fingerprints = {}, {}, None, {}
     for r in _results(df).to_dict("records"):  # the best each commit was compared with: the last kept before it
         best_before.setdefault(r["commit"], last_keep)
         last_keep = r["commit"] if r["status"] == "keep" else last_keep
@@ -235,8 +236,15 @@ def evidence(df, like):
         if r["line"] not in left_out:
             seed = r["seed"] if r["seed"] is not None else f"line {r['line']}"
             values.setdefault(r["commit"], {}).setdefault(seed, []).append(r["val_bpb"])
+            fingerprints.setdefault((r["commit"], seed), r["init_fingerprint"])
     values = {c: {s: sum(v) / len(v) for s, v in seeds.items()} for c, seeds in values.items()}
-    return values, best_before, left_out
+    return values, best_before, left_out, fingerprints
+
+
+def same_init(fingerprints, commit, best, seeds):
+    """Whether `commit` started from the best's initial weights under every one of `seeds` (equal fingerprints)."""
+    return all(fingerprints.get((commit, s)) and fingerprints.get((commit, s)) == fingerprints.get((best, s))
+               for s in seeds)
 
 
 def _mean(xs):
@@ -244,15 +252,18 @@ def _mean(xs):
     return sum(xs) / len(xs)
 
 
-def noise(values, best_before, exclude=None):
+def noise(values, best_before, exclude=None, fingerprints=None):
     """The noise measured by every commit but `exclude` (the one being judged, so its own runs never set the bar).
 
     sigma: the spread of one run across seeds, pooled over commits with two or more seeds (dof: seeds - 1 each);
-    floor = sqrt(2) * sigma. paired: the spread of a seed-for-seed difference between a commit and the best it was
-    compared with, pooled over commits with two or more seeds that all ran on that best; a commit whose runs equal
-    the best's under every seed (an edit that changed nothing) measures nothing and is left out."""
-    ss = dof = ss_p = dof_p = 0.0
-    n_commits = n_pairs = 0
+    floor = sqrt(2) * sigma. same_init and other_init: the spread of a seed-for-seed difference between a commit
+    and the best it was compared with, pooled over commits with two or more seeds that all ran on that best, apart
+    for commits that started from the best's initial weights (most hyperparameter edits: equal init_fingerprint) and
+    commits that did not (a module added or reshaped), since the first share more of their noise. A commit whose runs
+    equal the best's under every seed (an edit that changed nothing) measures nothing and is left out."""
+    ss = dof = 0.0
+    n_commits = 0
+    pools = {"same_init": [0.0, 0, 0], "other_init": [0.0, 0, 0]}  # sum of squares, dof, commits
     for commit, seeds in values.items():
         if commit == exclude or len(seeds) < 2:
             continue
@@ -264,13 +275,23 @@ def noise(values, best_before, exclude=None):
         if best and set(seeds) <= set(best):
             d = [best[s] - v for s, v in seeds.items()]
             if any(d):
-                ss_p += sum((x - _mean(d)) ** 2 for x in d)
-                dof_p += len(d) - 1
-                n_pairs += 1
+                kind = "same_init" if same_init(fingerprints or {}, commit, best_before[commit], seeds) else "other_init"
+                pool = pools[kind]
+                pool[0] += sum((x - _mean(d)) ** 2 for x in d)
+                pool[1] += len(d) - 1
+                pool[2] += 1
     sigma = math.sqrt(ss / dof) if dof else None
-    return {"sigma": sigma, "dof": int(dof), "floor": sigma * math.sqrt(2) if sigma is not None else None,
-            "commits": n_commits, "paired_spread": math.sqrt(ss_p / dof_p) if dof_p else None, "dof_paired": int(dof_p),
-            "pairs": n_pairs}
+    out = {"sigma": sigma, "dof": int(dof), "floor": sigma * math.sqrt(2) if sigma is not None else None,
+           "commits": n_commits}
+    for kind, (ss_p, dof_p, n) in pools.items():
+        out[kind] = {"spread": math.sqrt(ss_p / dof_p) if dof_p else None, "dof": dof_p, "pairs": n}
+    return out
+
+
+def with_pool(nz, kind):
+    """The noise with the seed-for-seed pool of `kind` (same_init or other_init) as the one a comparison may use."""
+    pool = nz[kind]
+    return dict(nz, paired_kind=kind, paired_spread=pool["spread"], dof_paired=pool["dof"], pairs=pool["pairs"])
 
 
 def compare(cand, best, nz):
@@ -340,7 +361,7 @@ def judge(df, commit=None, rule="noise"):
             return _verdict("refused", "keep", f"refused: this baseline run used {_describe(last, _differs(last, like))}"
                                                f", its first run {_describe(like, _differs(last, like))}; fix that and "
                                                f"rerun with seed {seed}", seed=seed)
-        values, _, left_out = evidence(df, like)
+        values, _, left_out, _ = evidence(df, like)
         mine_values = values.get(commit, {})
         notes = [left_out[r] for r in mine["line"] if r in left_out]
         missing = [s for s in BASELINE_SEEDS if s not in mine_values]
@@ -373,8 +394,8 @@ def judge(df, commit=None, rule="noise"):
                                           f"({'better' if v < best_bpb else 'not better'} by {abs(v - best_bpb):.6f}; "
                                           "plain rule: keep only if strictly lower)")
 
-    values, best_before, left_out = evidence(df, like)
-    nz = noise(values, best_before, exclude=commit)
+    values, best_before, left_out, fingerprints = evidence(df, like)
+    nz = noise(values, best_before, exclude=commit, fingerprints=fingerprints)
     if nz["sigma"] is None:
         return _verdict("refused", status, f"refused: no noise measured yet; rerun the baseline "
                                            f"{df['commit'].iloc[0]} under seeds {', '.join(map(str, BASELINE_SEEDS))} "
@@ -391,6 +412,8 @@ def judge(df, commit=None, rule="noise"):
     if not cand:
         return _verdict("rerun", status, f"rerun with seed {seed}: every run of {commit} was left out; "
                                          + "; ".join(notes), seed=seed, evidence_lines=notes)
+    kind = "same_init" if cand and same_init(fingerprints, commit, best_commit, cand) else "other_init"
+    nz = with_pool(nz, kind)
     c = compare(cand, best, nz)
     z, dof = c["z"], c["dof"]
     next_seed = next((s for s in SEEDS if s not in cand), None)
@@ -416,18 +439,20 @@ def judge(df, commit=None, rule="noise"):
     shown = (f"{c['shown']:.6f} (seed{'s' * (len(cand) > 1)} {', '.join(map(str, cand))}, seed for seed)" if c["paired"]
              else f"{c['shown']:.6f} ({_plural(len(best), 'seed')})")
     error = (f"seed for seed, spread {nz['paired_spread']:.6f}" if c["paired"] else f"unpaired, sigma {nz['sigma']:.6f}")
+    kind_text = "from the same initial weights" if kind == "same_init" else "from other initial weights"
     line = (f"{action}: {commit} {_mean(cand.values()):.6f} ({_plural(len(cand), 'seed')}) vs best {best_commit} "
             f"{shown}: {'better' if c['diff'] > 0 else 'worse' if c['diff'] < 0 else 'equal'} by {abs(c['diff']):.6f}"
             f" = {floors:.1f} noise floors, z {z:+.2f} ({bars}; {error}, {dof} dof)" + "".join(f"; {n}" for n in notes))
     ev = [f"candidate {commit}: seed {_seeds_text(cand)}",
           f"best {best_commit}: seed {_seeds_text(best)} (mean {_mean(best.values()):.6f})",
           f"error: {c['se']:.6f} = " + (f"the seed-for-seed spread {nz['paired_spread']:.6f} / sqrt({len(cand)}), measured on "
-                                        f"{_plural(nz['pairs'], 'commit')} against their best, {nz['dof_paired']} dof"
+                                        f"{_plural(nz['pairs'], 'commit')} {kind_text} against their best, "
+                                        f"{nz['dof_paired']} dof"
                                         if c["paired"] else
                                         f"sigma {nz['sigma']:.6f} * sqrt(1/{len(cand)} + 1/{len(best)}); sigma pooled "
                                         f"over {_plural(nz['commits'], 'commit')} with two or more seeds, {nz['dof']} "
                                         "dof"),
-          f"noise floor {nz['floor']:.6f} (sqrt(2) * sigma); seed-for-seed spread " +
+          f"noise floor {nz['floor']:.6f} (sqrt(2) * sigma); seed-for-seed spread {kind_text} " +
           (f"{nz['paired_spread']:.6f} on {nz['dof_paired']} dof" if nz["paired_spread"] else "not measured yet") +
           ("" if c["paired"] else f" (used once it has {PAIRED_MIN_DOF} dof and gives the tighter test)"),
           f"bars at {dof} dof (normal {KEEP_ONE}, {DISCARD_ONE}, {KEEP_TWO} as t quantiles): one run keep z >= "
@@ -465,10 +490,12 @@ def confirmation(df):
     out = {"baseline": baseline, "best": best, "seeds": list(CONFIRM_SEEDS), "todo": todo,
            "done": sum(len(v) for v in got.values()), "needed": 2 * len(CONFIRM_SEEDS), "gain": None}
     if not todo:
-        values, best_before, _ = evidence(decisions, like)
+        values, best_before, _, fingerprints = evidence(decisions, like)
         for c in (baseline, best):  # the confirmation runs measure the seed noise too, as commits of their own
             values[f"{c} (confirmation)"] = got[c]
-        nz = noise(values, best_before)
+        prints = {(r["commit"], r["seed"]): r["init_fingerprint"] for r in runs.to_dict("records")}
+        kind = "same_init" if same_init(prints, best, baseline, got[best]) else "other_init"
+        nz = with_pool(noise(values, best_before, fingerprints=fingerprints), kind)
         c = compare(got[best], got[baseline], nz)
         half = t_ppf(0.975, c["dof"]) * c["se"]
         out.update(gain=c["diff"], se=c["se"], dof=c["dof"], paired=c["paired"], ci=[c["diff"] - half, c["diff"] + half],
@@ -666,8 +693,8 @@ def night_noise(df):
     if runs.empty:
         return dict(noise({}, {}), **{k: None for k in MATCHED})
     like = conditions(runs.iloc[0])
-    values, best_before, _ = evidence(df, like)
-    return dict(noise(values, best_before), **like)
+    values, best_before, _, fingerprints = evidence(df, like)
+    return dict(noise(values, best_before, fingerprints=fingerprints), **like)
 
 
 def summarize(df):
@@ -734,7 +761,9 @@ def format_report(summary):
     if nz["floor"] is not None:
         lines.append(f"noise floor:      {nz['floor']:.6f} (seed to seed: sqrt(2) * sigma {nz['sigma']:.6f}, "
                      f"{nz['dof']} degrees of freedom"
-                     + (f"; seed for seed {nz['paired_spread']:.6f}, {nz['dof_paired']} dof" if nz["paired_spread"] else "")
+                     + "".join(f"; seed for seed, {what} {nz[k]['spread']:.6f} on {nz[k]['dof']} dof"
+                               for k, what in (("same_init", "same weights"), ("other_init", "other weights"))
+                               if nz[k]["spread"])
                      + f"; {_describe(nz)})")
     else:
         lines.append("noise floor:      not measured (no commit has run under two seeds)")

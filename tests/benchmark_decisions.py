@@ -179,9 +179,12 @@ def replay(rule, scenario, d, night):
     per-experiment (kept, runs)."""
     rows, out, true = [], [], 0.0
 
-    def judge(commit, value, seed):
-        rows.append({"commit": commit, "val_bpb": BPB + SIGMA_BPB * value, "memory_gb": 1.0, "status": "discard", "description": "x",
-                     "seed": seed, "num_steps": 100, "attention": "fa3", "device": "H100", "init_fingerprint": "",
+    shared = SCENARIOS[scenario][2]
+
+    def judge(commit, value, seed):  # same_init scenarios: every commit starts from the baseline's weights
+        rows.append({"commit": commit, "val_bpb": BPB + SIGMA_BPB * value, "memory_gb": 1.0, "status": "discard",
+                     "description": "x", "seed": seed, "num_steps": 100, "attention": "fa3", "device": "H100",
+                     "init_fingerprint": f"init-{seed}" if shared else f"{commit}-{seed}",
                      "verdict": "", "time_budget": "300", "eval_tokens": "20971520", "line": len(rows) + 2})
         v = analysis.judge(pd.DataFrame(rows, columns=analysis.HEADER + ["line"]), commit, rule)
         for r in rows:

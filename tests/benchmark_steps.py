@@ -1,6 +1,6 @@
 """
 Steps and step-time spread of the real train.py at its default config: this project's side of a same-GPU
-comparison with the reference's train.py (README, "Performance").
+comparison with the reference's train.py (docs/performance.md, "Against the reference on the same GPU").
 
 Usage: uv run python tests/benchmark_steps.py [--budget 120] [--cache DIR]
 

@@ -7,7 +7,7 @@ A. forward + backward of each attention kernel at the model's shapes (B=128, T=2
    FLOP/s of the work the mask leaves: flex attention (half and full window) and PyTorch SDPA's backends.
 B. train.py's step at the default configuration, compiled, with flex attention: median step time, MFU, and the
    kernels that take the most GPU time; then the same step with SDPA for the full-context layers.
-The README's H100 notes quote its output. Not a test: pytest does not collect it.
+docs/performance.md quotes its output. Not a test: pytest does not collect it.
 """
 import sys
 import time

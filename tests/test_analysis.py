@@ -253,8 +253,9 @@ def test_cli_json_shape():
     assert set(out["kept"][0]) == {"experiment", "commit", "val_bpb", "memory_gb", "runs", "seeds", "description"}
     assert set(out["top_hits"][0]) == {"experiment", "commit", "val_bpb", "memory_gb", "runs", "seeds", "description",
                                        "gain", "gain_floors", "within_noise"}
-    assert set(out["noise"]) == {"floor", "sigma", "dof", "commits", "paired_spread", "dof_paired", "pairs", "device",
-                                 "attention", "time_budget", "eval_tokens"}
+    assert set(out["noise"]) == {"floor", "sigma", "dof", "commits", "same_init", "other_init", "device", "attention",
+                                 "time_budget", "eval_tokens"}
+    assert set(out["noise"]["same_init"]) == {"spread", "dof", "pairs"}
     assert out["n_confirmation_runs"] == 0 and out["confirmation"]["gain"] is None  # a best, not confirmed yet
     assert set(out["confirmation"]) == {"baseline", "best", "seeds", "todo", "done", "needed", "gain", "claimed"}
     assert len(out["warnings"]) == 5

@@ -128,6 +128,17 @@ def test_once_measured_a_same_seed_comparison_is_seed_for_seed_and_one_run_decid
     assert not unpaired["paired"] and unpaired["z"] < analysis.bar(analysis.DISCARD_ONE, v["dof"])
 
 
+def test_an_edit_from_other_initial_weights_never_borrows_the_same_weights_spread():
+    """Hyperparameter edits (same init_fingerprint) share more of their noise with the best than an edit that adds a
+    module: their seed-for-seed spread is pooled apart, and a candidate from other weights uses only its own kind's."""
+    df = table(with_status(BASELINE, "keep") + with_status(MEASURED, "discard") + [("arch000", 0.996, 42, "discard")])
+    df.loc[df["commit"] == "arch000", "init_fingerprint"] = "a-new-module"
+    v = analysis.judge(df)
+    assert v["same_init"]["dof"] == 4 and v["other_init"]["dof"] == 0
+    assert v["paired_kind"] == "other_init" and not v["paired"] and v["verdict"] == "discard"  # seed for seed: keep
+    assert "seed-for-seed spread from other initial weights not measured yet" in "\n".join(v["evidence"])
+
+
 def test_seed_for_seed_is_never_used_when_it_is_the_looser_test():
     # earlier ideas whose seed-for-seed differences scatter as much as unpaired runs do (the noise is not shared)
     noisy = [(f"idea00{i}", v, s) for i, pair in enumerate([(1.013, 0.998), (0.992, 1.019), (1.010, 0.999),

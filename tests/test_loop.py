@@ -54,10 +54,14 @@ def bash_blocks(path="program.md"):
     return list(dict.fromkeys(blocks))
 
 
+PLAYED = {}  # path -> the blocks handed out so far: a test can check that it played every one
+
+
 def block(*needles, path="program.md"):
     """The one bash block in `path` that contains every needle."""
     found = [b for b in bash_blocks(path) if all(n in b for n in needles)]
     assert len(found) == 1, f"{path}: expected one bash block containing {needles}, found {len(found)}"
+    PLAYED.setdefault(path, set()).add(found[0])
     return found[0]
 
 
@@ -80,6 +84,7 @@ def run_block(rerun=False):
     found = [b for b in bash_blocks() if b.strip().endswith("uv run train.py > run.log 2>&1") and "\n" not in b.strip()
              and ("AUTORESEARCH_SEED=<seed>" in b) == rerun]
     assert len(found) == 1, f"program.md: expected one {'rerun' if rerun else 'run'} block, found {len(found)}"
+    PLAYED.setdefault("program.md", set()).add(found[0])
     return without_uv(found[0])
 
 
@@ -265,6 +270,8 @@ def test_agent_follows_program_md_through_the_baseline_a_win_a_loss_a_crash_and_
     lost = agent.experiment("learning rates to zero")
     assert len(lost) == 1 and lost[0]["verdict"].startswith(f"discard: {loss} "), lost[0]["verdict"]
     assert " worse by " in lost[0]["verdict"]
+    said = agent.sh(uv_block("mark --status discard")).stdout  # step 8's simplicity override, here agreeing
+    assert said == f"discard: {loss} marked by hand\n", said
     agent.reset()
     assert agent.where()[1].split()[0] == win
 
@@ -275,6 +282,9 @@ def test_agent_follows_program_md_through_the_baseline_a_win_a_loss_a_crash_and_
     assert len(crashed) == 1 and crashed[0]["verdict"].startswith(f"crash: {broken} has no val_bpb")
     assert crashed[0]["rc"] != 0 and crashed[0]["grep"] == ""
     assert "RuntimeError: boom: broken experiment" in crashed[0]["tail"], crashed[0]["tail"]
+    edit(repo, r'^        raise RuntimeError\("boom: broken experiment"\)\n', "")  # step 6: the fix, folded in
+    agent.sh(block("git commit --amend --no-edit"))
+    assert agent.git("rev-parse", "--short=7", "HEAD") != broken and agent.sh("git status --porcelain").stdout == ""
     agent.reset()
     assert agent.git("rev-parse", "--short=7", "HEAD") == win
 
@@ -317,3 +327,4 @@ def test_agent_follows_program_md_through_the_baseline_a_win_a_loss_a_crash_and_
     assert re.search(r"confirmed gain: +\d\.\d{6} \(95% interval ", out), out
     assert "integrity: ok (1 kept commits checked)" in out, out
     assert agent.sh("git status --porcelain").stdout == ""  # it wrote nothing into the repo
+    assert set(bash_blocks()) == PLAYED["program.md"], set(bash_blocks()) - PLAYED["program.md"]  # every block
