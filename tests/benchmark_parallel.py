@@ -64,7 +64,7 @@ def run(work, args):
     env.update(AUTORESEARCH_TIME_BUDGET=str(args.budget), AUTORESEARCH_RULE="plain")
     if env.pop("PYTHONDONTWRITEBYTECODE", None):  # else every run compiles torch's modules again (conftest.py)
         env["PYTHONPYCACHEPREFIX"] = str(work / "pycache")
-    make_repo(repo, env)
+    make_repo(repo, env, slow_start=False)
     agent = Agent(repo, env)
     agent.sh(block("git checkout -b"), tag=TAG)
     agent.sh(block("printf 'commit"))

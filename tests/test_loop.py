@@ -175,8 +175,9 @@ def get_constant(repo, name):
 # The throwaway repository
 
 
-def make_repo(path, env):
-    """A copy of this repo's tracked files with its own history: main = the copy, then the scaled-down train.py."""
+def make_repo(path, env, slow_start=True):
+    """A copy of this repo's tracked files with its own history: main = the copy, then the scaled-down train.py
+    (with learning rates 30x too small unless not `slow_start`)."""
     if subprocess.run(["git", "-C", ROOT, "rev-parse", "--is-inside-work-tree"], capture_output=True).returncode:
         pytest.skip("the repo is not a git checkout (its tracked files are what the loop starts from)")
     files = subprocess.run(["git", "-C", ROOT, "ls-files", "-z"], capture_output=True, text=True,
@@ -186,7 +187,9 @@ def make_repo(path, env):
             (path / name).parent.mkdir(parents=True, exist_ok=True)
             shutil.copy2(ROOT / name, path / name)
     train_py = path / "train.py"
-    src, n = re.subn(r'^if DEVICE_TYPE != "cuda":\n(?:    .*\n)+', lambda m: m.group(0) + TINY_SETTINGS,
+    tiny = TINY_SETTINGS if slow_start else "".join(line + "\n" for line in TINY_SETTINGS.splitlines()
+                                                     if "a slow start" not in line)
+    src, n = re.subn(r'^if DEVICE_TYPE != "cuda":\n(?:    .*\n)+', lambda m: m.group(0) + tiny,
                      train_py.read_text(), flags=re.M)
     assert n == 1, "train.py: the small-machine block (`if DEVICE_TYPE != \"cuda\":`) was not found"
 
@@ -282,7 +285,7 @@ def test_agent_follows_program_md_through_the_baseline_a_win_a_loss_a_crash_and_
     assert len(crashed) == 1 and crashed[0]["verdict"].startswith(f"crash: {broken} has no val_bpb")
     assert crashed[0]["rc"] != 0 and crashed[0]["grep"] == ""
     assert "RuntimeError: boom: broken experiment" in crashed[0]["tail"], crashed[0]["tail"]
-    edit(repo, r'^        raise RuntimeError\("boom: broken experiment"\)\n', "")  # step 6: the fix, folded in
+    edit(repo, r'^        raise RuntimeError\("boom: broken experiment"\)\n', "        # fixed\n")  # step 6: fold in a fix
     agent.sh(block("git commit --amend --no-edit"))
     assert agent.git("rev-parse", "--short=7", "HEAD") != broken and agent.sh("git status --porcelain").stdout == ""
     agent.reset()

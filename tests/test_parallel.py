@@ -207,7 +207,7 @@ def test_slots_run_at_once_survive_a_killed_run_merge_the_winner_run_on_skypilot
     repo.mkdir()
     env = slot_env(prepared_cache, AUTORESEARCH_RULE="plain")  # one run each: a baseline and an idea share a wave
     sky_state = fake_sky(tmp_path, env)
-    make_repo(repo, env)
+    make_repo(repo, env, slow_start=False)
     agent = Agent(repo, env)
     slots = setup_slots(agent, repo, 3)
     base = agent.git("rev-parse", "--short=7", "HEAD")
