@@ -663,12 +663,14 @@ def _replace(tsv, lines):
 
 def experiments(df):
     """One row per commit, in order of first appearance (confirmation runs left out): the experiment's number (0 =
-    baseline), status, its val_bpb (the mean over its seeds; refused runs left out), how many runs, its seeds and the
-    first description."""
+    baseline), status, its val_bpb (the mean over its seeds of the runs the judge counts: refused runs and num_steps
+    outliers left out), how many runs, its seeds and the first description."""
     rows = []
     df = df[df["verdict"] != "confirm"]
+    left_out = step_outliers(_results(df).to_dict("records"))
     for i, (commit, g) in enumerate(df.groupby("commit", sort=False)):
         runs = _results(g)
+        runs = runs[~runs["line"].isin(left_out)]
         per_seed = runs.groupby([s if s is not None else f"line {n}" for n, s in zip(runs["line"], runs["seed"])],
                                 sort=False)["val_bpb"].mean()
         status = runs["status"].iloc[-1] if len(runs) else g["status"].iloc[-1]

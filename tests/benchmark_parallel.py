@@ -27,9 +27,11 @@ sys.path[:0] = [str(TESTS.parent), str(TESTS)]
 
 import torch  # noqa: E402
 
-from conftest import make_prepared_cache  # noqa: E402
+from conftest import cold_python, make_prepared_cache  # noqa: E402
 from test_loop import Agent, agent_env, block, make_repo  # noqa: E402
 from test_parallel import TAG, cache_digest, doc_block, line, new_idea, record, summary, wave  # noqa: E402
+
+cold_python()  # every `uv run` a fresh interpreter, as for a user: the wave timings are a user's
 
 SLOTS = 4
 IDEAS = [None, ("MATRIX_LR", "0.05"), ("MATRIX_LR", "0.03"), ("WARMDOWN_RATIO", "0.3")]  # slot 0: the baseline
@@ -64,7 +66,7 @@ def run(work, args):
     env.update(AUTORESEARCH_TIME_BUDGET=str(args.budget), AUTORESEARCH_RULE="plain")
     if env.pop("PYTHONDONTWRITEBYTECODE", None):  # else every run compiles torch's modules again (conftest.py)
         env["PYTHONPYCACHEPREFIX"] = str(work / "pycache")
-    make_repo(repo, env, slow_start=False)
+    make_repo(repo, env, slow_start=False, warmup=None)  # train.py's own 11 uncounted steps
     agent = Agent(repo, env)
     agent.sh(block("git checkout -b"), tag=TAG)
     agent.sh(block("printf 'commit"))

@@ -5,15 +5,20 @@ hub (pointed to through HF_ENDPOINT), and a cache prepared by the real `python p
 Run: uv run pytest
 """
 
+import atexit
 import functools
 import gc
 import http.server
 import os
 import random
+import shlex
+import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import threading
+import time
 from contextlib import nullcontext
 from pathlib import Path
 
@@ -124,6 +129,57 @@ def bytecode_cache(tmp_path_factory):
         yield
 
 
+_warm = {"lock": threading.Lock(), "server": None, "python": None}
+
+
+def python():
+    """The command that starts `python` for a script under test: the client of tests/warm.py, whose runs fork from
+    an interpreter that imported torch once (the server starts at the first call and ends with the session). A
+    test that kills a run with SIGKILL, or is a script's one real run, starts [sys.executable] instead."""
+    with _warm["lock"]:
+        if _warm["python"] is None:
+            sock = Path(tempfile.mkdtemp(prefix="warm")) / "sock"
+            server = subprocess.Popen([sys.executable, str(ROOT / "tests" / "warm.py"), "serve", str(sock)],
+                                      stdin=subprocess.DEVNULL)
+            deadline = time.time() + 120
+            while not sock.exists():
+                if server.poll() is not None or time.time() > deadline:
+                    server.kill()
+                    raise RuntimeError(f"tests/warm.py did not start (exit {server.poll()})")
+                time.sleep(0.05)
+            _warm["server"], _warm["python"] = server, [sys.executable, str(ROOT / "tests" / "warm.py"), "run", str(sock)]
+            atexit.register(end_warm_server)
+        return list(_warm["python"])
+
+
+def end_warm_server():
+    server = _warm["server"]
+    if server is not None and server.poll() is None:
+        server.terminate()
+        server.wait(timeout=30)
+        shutil.rmtree(Path(_warm["python"][-1]).parent, ignore_errors=True)
+
+
+def cold_python():
+    """From now on python() is [sys.executable]: for scripts outside pytest (tests/demo_night.py and the
+    benchmarks play program.md's blocks as a user's `uv run` would run them, cold)."""
+    with _warm["lock"]:
+        _warm["python"] = _warm["python"] or [sys.executable]
+
+
+def python_shell():
+    """python() as it goes into a shell command (program.md's blocks with `uv run` replaced)."""
+    return shlex.join(python())
+
+
+@pytest.fixture(scope="session", autouse=True)
+def warm_python_in_the_background(bytecode_cache):
+    """The warm server starts while the first tests run in-process (seconds of imports); it ends with the session."""
+    threading.Thread(target=python, daemon=True).start()
+    yield
+    end_warm_server()
+
+
 @pytest.fixture
 def sigint_reaches_children():
     """A shell that starts pytest in the background (`pytest &`, nohup, some CI runners) leaves it ignoring
@@ -160,11 +216,12 @@ def script_env(cache, endpoint=None, extra_env=None):
     return {k: v for k, v in env.items() if v is not None}
 
 
-def run_script(script, *args, cache, endpoint=None, timeout=300, extra_env=None):
-    """Runs a top-level script (`prepare.py`, `train.py`) as a user would, with the cache in `cache`."""
+def run_script(script, *args, cache, endpoint=None, timeout=300, extra_env=None, cold=False):
+    """Runs a top-level script (`prepare.py`, `train.py`) as a user would, with the cache in `cache`; through
+    python() unless `cold` (a fresh interpreter, for a script's one real run)."""
     env = script_env(cache, endpoint, extra_env)
-    return subprocess.run([sys.executable, str(ROOT / script), *args], cwd=ROOT, env=env, capture_output=True,
-                          text=True, timeout=timeout)
+    return subprocess.run([*([sys.executable] if cold else python()), str(ROOT / script), *args], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=timeout)
 
 
 def prepare_from_local_hub(root, n_docs=1500):
@@ -174,7 +231,7 @@ def prepare_from_local_hub(root, n_docs=1500):
     h = Hub(root / "hub")
     try:
         make_shards(h.shard_dir, indices=(0, 1, 2, VAL_SHARD), n_docs=n_docs)
-        result = run_script("prepare.py", "--num-shards", "2", cache=root / "cache", endpoint=h.url)
+        result = run_script("prepare.py", "--num-shards", "2", cache=root / "cache", endpoint=h.url, cold=True)
     finally:
         h.close()
     assert result.returncode == 0, result.stdout + result.stderr

@@ -22,7 +22,10 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from conftest import cold_python  # noqa: E402
 from test_loop import ROOT, block, run_block, uv_block, without_uv  # noqa: E402
+
+cold_python()  # every `uv run` a fresh interpreter, as for a user
 
 
 def constant(name, value):

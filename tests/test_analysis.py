@@ -6,6 +6,8 @@ run headless, and the loop's record-the-result block run on fake run.logs.
 Run: uv run pytest tests/test_analysis.py
 """
 
+import contextlib
+import io
 import json
 import os
 import re
@@ -18,6 +20,8 @@ from pathlib import Path
 
 import nbformat
 import pytest
+
+from conftest import python
 
 ROOT = Path(__file__).resolve().parents[1]
 DATA = Path(__file__).resolve().parent / "data"
@@ -35,9 +39,16 @@ import analysis  # noqa: E402
 from analysis import check_integrity, format_report, load_results, plot_progress, summarize  # noqa: E402
 
 
-def run_cli(*args, cwd=ROOT):
-    result = subprocess.run([sys.executable, str(ROOT / "analysis.py"), *map(str, args)], cwd=cwd,
-                            capture_output=True, text=True, timeout=60)
+def run_cli(*args, real=False):
+    """`uv run analysis.py ARGS`: in this process (analysis.main, what the command runs), or as a real subprocess."""
+    if real:
+        result = subprocess.run([sys.executable, str(ROOT / "analysis.py"), *map(str, args)], cwd=ROOT,
+                                capture_output=True, text=True, timeout=60)
+    else:
+        out, err = io.StringIO(), io.StringIO()
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+            code = analysis.main([str(a) for a in args])
+        result = subprocess.CompletedProcess(args, code, out.getvalue(), err.getvalue())
     assert "Traceback" not in result.stdout + result.stderr, result.stdout + result.stderr
     return result
 
@@ -227,7 +238,7 @@ def test_cli_header_only_says_zero_experiments_and_skips_the_plot(tmp_path):
 
 def test_cli_missing_file_is_one_line_naming_the_path_and_exit_1(tmp_path):
     path = tmp_path / "no" / "results.tsv"
-    r = run_cli("--tsv", path)
+    r = run_cli("--tsv", path, real=True)  # the real command: its exit status and its one line
     assert r.returncode == 1 and r.stdout == ""
     assert r.stderr.count("\n") == 1 and str(path) in r.stderr
 
@@ -378,8 +389,9 @@ def test_notebook_runs_headless(tmp_path, monkeypatch, tsv):
     text = "".join(o.get("text", "") for c in nb.cells if c.cell_type == "code" for o in c.outputs)
     if tsv == REAL_RUN:  # the run behind the committed progress.png
         assert png.read_bytes()[:8] == PNG_MAGIC
-        assert "experiments: 4 (13 runs)" in text and "keep rate: 25.0%" in text
-        assert "noise floor: 0.047688" in text and "improvement:      0.000000 (0.00%, 0.0 noise floors)" in text
+        assert "experiments: 23 (29 runs)" in text and "keep rate: 4.3%" in text
+        assert "noise floor: 0.010938" in text and "improvement:      0.000000 (0.00%, 0.0 noise floors)" in text
+        assert "nothing to confirm: no change was kept" in text
         assert any("image/png" in o.get("data", {}) for c in nb.cells if c.cell_type == "code" for o in c.outputs)
     else:
         assert not png.exists()
@@ -446,7 +458,7 @@ SUMMARY = "---\nval_bpb:          {bpb}\ntraining_seconds: 300.1\npeak_vram_mb: 
 
 def record_cli(repo, log, description, *args):
     (repo / "run.log").write_text(log)
-    return subprocess.run([sys.executable, str(ROOT / "analysis.py"), "record", "--description", description, *args],
+    return subprocess.run([*python(), str(ROOT / "analysis.py"), "record", "--description", description, *args],
                           cwd=repo, capture_output=True, text=True, timeout=60)
 
 
@@ -467,7 +479,7 @@ def test_plain_rule_gives_the_reference_verdicts_on_a_five_column_file(tmp_path,
     write_tsv(repo / "results.tsv", "aaaaaaa\t0.997900\t44.0\tkeep\tbaseline", "bbbbbbb\t0.993200\t44.2\tkeep\tlr",
               "ccccccc\t0.980000\t44.0\tdiscard\tdiscards do not count", "ddddddd\t0.000000\t0.0\tcrash\toom")
     (repo / "run.log").write_text(log)
-    r = subprocess.run([sys.executable, str(ROOT / "analysis.py"), "record", "--description", "try, this"], cwd=repo,
+    r = subprocess.run([*python(), str(ROOT / "analysis.py"), "record", "--description", "try, this"], cwd=repo,
                        capture_output=True, text=True, timeout=60, env={**os.environ, "AUTORESEARCH_RULE": "plain"})
     assert r.returncode == 0, r.stderr
     assert r.stdout.split(":")[0] == expected.split("\t")[-1]

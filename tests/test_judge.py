@@ -19,6 +19,8 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
+from conftest import python
+
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 import analysis  # noqa: E402
@@ -157,7 +159,7 @@ def test_a_two_degree_of_freedom_start_does_not_over_keep(monkeypatch):
     monkeypatch.setattr(analysis, "BASELINE_SEEDS", (42, 43, 44))
     rng = random.Random(0)
     kept = normal_kept = 0
-    trials = 1000
+    trials = 500
     for t in range(trials):
         runs = [("base000", rng.gauss(1.0, 0.01), s, "keep") for s in (42, 43, 44)]
         runs.append(("cand000", rng.gauss(1.0, 0.01), 42, "discard"))
@@ -313,7 +315,7 @@ def test_a_rerun_reuses_the_commits_description(tmp_path):
 
 
 def cli(tmp_path, *args, env=None):
-    return subprocess.run([sys.executable, str(ROOT / "analysis.py"), *args], cwd=tmp_path, capture_output=True,
+    return subprocess.run([*python(), str(ROOT / "analysis.py"), *args], cwd=tmp_path, capture_output=True,
                           text=True, timeout=60, env=env)
 
 

@@ -12,7 +12,6 @@ import http.server
 import json
 import shutil
 import subprocess
-import sys
 import threading
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -21,7 +20,7 @@ import pytest
 import torch
 
 import prepare
-from conftest import ROOT, Hub, make_shards, script_env
+from conftest import ROOT, Hub, make_shards, python, script_env
 
 HOPPER = (9, 0)
 REPO = "varunneal/flash-attention-3"  # the Hopper build, prepare.flash_attention_repo(HOPPER)
@@ -157,7 +156,7 @@ print(json.dumps(out))
 
 
 def run_python(code, env, timeout=120):
-    result = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True,
+    result = subprocess.run([*python(), "-c", code], cwd=ROOT, env=env, capture_output=True, text=True,
                             timeout=timeout)
     assert result.returncode == 0, result.stdout + result.stderr
     return json.loads(result.stdout.strip().splitlines()[-1]), result.stderr
@@ -220,7 +219,7 @@ def no_build_for_this_torch(tmp_path, hub):
 @with_kernel_hub
 def fetch_then_load(tmp_path, hub):
     env, cache = kernel_env(tmp_path, hub.url)
-    fetched = subprocess.run([sys.executable, "-c", FETCH], cwd=ROOT, env=env, capture_output=True, text=True,
+    fetched = subprocess.run([*python(), "-c", FETCH], cwd=ROOT, env=env, capture_output=True, text=True,
                              timeout=120)
     fetch_requests = list(hub.requests)
     hub.requests.clear()
@@ -230,7 +229,7 @@ def fetch_then_load(tmp_path, hub):
 
 def failed_fetch(tmp_path, prepared_cache):
     env, _ = kernel_env(tmp_path, "http://127.0.0.1:9")  # closed port: no hub
-    return dict(fetched=subprocess.run([sys.executable, "-c", FETCH], cwd=ROOT, env=env, capture_output=True,
+    return dict(fetched=subprocess.run([*python(), "-c", FETCH], cwd=ROOT, env=env, capture_output=True,
                                        text=True, timeout=120))
 
 
@@ -245,7 +244,7 @@ def prepare_on_a_cuda_machine(tmp_path, prepared_cache):
             "torch.cuda.get_device_capability = lambda: (9, 0); "
             "import prepare; sys.argv = ['prepare.py', '--num-shards', '2']; prepare.main()")
     try:
-        result = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True,
+        result = subprocess.run([*python(), "-c", code], cwd=ROOT, env=env, capture_output=True, text=True,
                                 timeout=300)
         return dict(result=result, requests=hub.requests)
     finally:

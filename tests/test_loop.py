@@ -15,26 +15,28 @@ import re
 import shlex
 import shutil
 import subprocess
-import sys
 import textwrap
 
 import pytest
 
-from conftest import ROOT
+from conftest import ROOT, python_shell
 
 TAG = "loop1"
 HEADER = ("commit\tval_bpb\tmemory_gb\tstatus\tdescription\tseed\tnum_steps\tattention\tdevice\tinit_fingerprint"
           "\tverdict\ttime_budget\teval_tokens\n")
 
-# A budget shorter than one step: train.py always runs its 11 uncounted warm-up steps, then stops after the
-# first counted one. Every run is then exactly 12 steps on any machine, however busy. Like the real 5 minutes, it is
-# the same for every experiment (an environment variable, not part of train.py).
+# A budget shorter than one step: train.py always runs its uncounted warm-up steps (3 in the copy below), then
+# stops after the first counted one. Every run is then exactly 4 steps on any machine, however busy. Like the real
+# 5 minutes, it is the same for every experiment (an environment variable, not part of train.py).
 TIME_BUDGET = "0.01"
 EVAL_TOKENS = 2048  # one evaluation batch of the scaled-down DEVICE_BATCH_SIZE below (1 x 2048)
 
 # Appended to train.py's small-machine block and committed on main before the agent starts: this stands for
 # the repo's own train.py, scaled down further so that one experiment takes seconds on a CPU, and started with
 # learning rates 30x too small, so that the agent's first idea (deleting that line) wins by far more than the noise.
+# The copy also leaves 3 steps uncounted instead of 11 (train.py's compile warm-up; nothing compiles on a CPU, and
+# each step of the 8192-token vocabulary costs ~0.6 s here): tests/test_train.py runs the real count.
+WARMUP = ("step > 10", "step > 2")
 TINY_SETTINGS = """\
     # tests/test_loop.py: scaled down further, one 2048-token sequence per step, width 64
     DEPTH, ASPECT_RATIO, HEAD_DIM = 2, 32, 32
@@ -66,10 +68,11 @@ def block(*needles, path="program.md"):
 
 
 def without_uv(command):
-    """A block with `uv run` replaced by this test's interpreter: `uv run` here would build a second virtual
-    environment inside the throwaway repo (slow, and it may want the network), and the interpreter running this test
-    already is the project's environment. Where `timeout` is missing, program.md says to run without it."""
-    command = command.replace("uv run ", shlex.quote(sys.executable) + " ")
+    """A block with `uv run` replaced by this test's interpreter (conftest.python(): the night below runs train.py
+    and analysis.py some 30 times): `uv run` here would build a second virtual environment inside the throwaway repo
+    (slow, and it may want the network), and the interpreter running this test already is the project's
+    environment. Where `timeout` is missing, program.md says to run without it."""
+    command = command.replace("uv run ", python_shell() + " ")
     return command.replace("timeout 600 ", "") if shutil.which("timeout") is None else command
 
 
@@ -175,9 +178,10 @@ def get_constant(repo, name):
 # The throwaway repository
 
 
-def make_repo(path, env, slow_start=True):
+def make_repo(path, env, slow_start=True, warmup=WARMUP):
     """A copy of this repo's tracked files with its own history: main = the copy, then the scaled-down train.py
-    (with learning rates 30x too small unless not `slow_start`)."""
+    (with learning rates 30x too small unless not `slow_start`; `warmup` (old, new) replaced in its loop, None for
+    train.py's own)."""
     if subprocess.run(["git", "-C", ROOT, "rev-parse", "--is-inside-work-tree"], capture_output=True).returncode:
         pytest.skip("the repo is not a git checkout (its tracked files are what the loop starts from)")
     files = subprocess.run(["git", "-C", ROOT, "ls-files", "-z"], capture_output=True, text=True,
@@ -192,6 +196,9 @@ def make_repo(path, env, slow_start=True):
     src, n = re.subn(r'^if DEVICE_TYPE != "cuda":\n(?:    .*\n)+', lambda m: m.group(0) + tiny,
                      train_py.read_text(), flags=re.M)
     assert n == 1, "train.py: the small-machine block (`if DEVICE_TYPE != \"cuda\":`) was not found"
+    if warmup:
+        assert src.count(warmup[0]) == 2, f"train.py: expected `{warmup[0]}` twice (the budget and the end check)"
+        src = src.replace(*warmup)
 
     def git(*args):
         subprocess.run(["git", *args], cwd=path, env=env, check=True, capture_output=True)
@@ -311,7 +318,7 @@ def test_agent_follows_program_md_through_the_baseline_a_win_a_loss_a_crash_and_
     for row, result in zip(rows[:7], baseline + won + lost):
         assert re.fullmatch(r"\d+\.\d{6}", row[1]) and row[1] == f"{float(result['summary']['val_bpb']):.6f}", row
         assert row[2] == f"{float(result['summary']['peak_vram_mb']) / 1024:.1f}", row
-        assert row[6] == "12" and row[7:9] == ["sdpa", "cpu"] and re.fullmatch(r"[0-9a-f]{12}", row[9]), row
+        assert row[6] == "4" and row[7:9] == ["sdpa", "cpu"] and re.fullmatch(r"[0-9a-f]{12}", row[9]), row
         assert row[11:] == [TIME_BUDGET, str(EVAL_TOKENS)], row
     assert rows[7][1:3] == ["0.000000", "0.0"]
     # per-name initialisation: the learning-rate edits change no initial weight, so each seed has one fingerprint

@@ -26,7 +26,7 @@ from importlib.util import find_spec
 import pytest
 
 import analysis
-from conftest import ROOT
+from conftest import ROOT, python_shell
 from test_loop import Agent, agent_env, bash_blocks, block, make_repo, set_constant
 
 DOC = "docs/program-multi-gpu.md"
@@ -57,12 +57,12 @@ def line(name, start):
     return found[0]
 
 
-def uv_free(command):
-    """A command with this test's interpreter for `uv run` (the same reason as in test_loop.run_block: the
-    interpreter running this test already is the project's environment)."""
+def uv_free(command, python=None):
+    """A command with this test's interpreter for `uv run` (the same reason as in test_loop.without_uv: the
+    interpreter running this test already is the project's environment), conftest.python() unless `python`."""
     uv = UV_RUN if UV_RUN in command else "uv run "
     assert command.count(uv) == 1, command
-    return command.replace(uv, shlex.quote(sys.executable) + " ")
+    return command.replace(uv, (python or python_shell()) + " ")
 
 
 def slot_env(cache, **extra):
@@ -71,12 +71,12 @@ def slot_env(cache, **extra):
     return dict(agent_env(cache), OMP_NUM_THREADS="1", **extra)
 
 
-def wave(slots):
+def wave(slots, python=None):
     """The file's wave block for `slots` [(n, seed)]: its first line once per slot, then `wait`. <gpu> is
     empty: no GPU is visible, so every run uses the CPU settings, on any machine."""
     first, rest = doc_block("wave").split("\n", 1)
     assert rest.strip() == "wait", rest
-    lines = [uv_free(first).replace("<n>", str(n)).replace("<gpu>", "").replace("<seed>", str(seed))
+    lines = [uv_free(first, python).replace("<n>", str(n)).replace("<gpu>", "").replace("<seed>", str(seed))
              for n, seed in slots]
     if shutil.which("timeout") is None:  # program.md's fallback where `timeout` is missing
         lines = [x.replace("timeout 600 ", "") for x in lines]
@@ -221,9 +221,10 @@ def test_slots_run_at_once_survive_a_killed_run_merge_the_winner_run_on_skypilot
 
     # Slots 0 and 1 run the wave block as written. Slot 2's line runs on its own, in a process group of its own
     # and without `timeout` (which would put the run in a group of its own again), so that it alone can be
-    # killed with SIGKILL once it trains, as a dying machine would kill it.
+    # killed with SIGKILL once it trains, as a dying machine would kill it (a cold python: the run itself dies).
     before = cache_digest(prepared_cache)
-    alone = wave([(2, 42)]).splitlines()[0].removesuffix(" &").replace("timeout 600 ", "")
+    alone = wave([(2, 42)], shlex.quote(sys.executable)).splitlines()[0]
+    alone = alone.removesuffix(" &").replace("timeout 600 ", "")
     alone = subprocess.Popen(["bash", "-c", alone], cwd=repo, env=env, start_new_session=True)
     kill_time = []
 
@@ -258,7 +259,7 @@ def test_slots_run_at_once_survive_a_killed_run_merge_the_winner_run_on_skypilot
     got = got[:2]
     for row, s in zip(got, logs):  # each row is its own run's summary, nothing mixed up between the slots
         assert row[1] == f"{float(s['val_bpb']):.6f}" and row[2] == f"{float(s['peak_vram_mb']) / 1024:.1f}", row
-        assert row[5:10] == ["42", "12", "sdpa", "cpu", s["init_fingerprint"]], row
+        assert row[5:10] == ["42", "4", "sdpa", "cpu", s["init_fingerprint"]], row
         assert row[11:] == ["0.01", "2048"], row
     assert got[0][1] != got[1][1]  # two different experiments
     idea_won = float(got[1][1]) < float(got[0][1])  # the plain rule: strictly lower than the best kept

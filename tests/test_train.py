@@ -429,7 +429,7 @@ SUMMARY = [
 CONDITIONS = [("seed", r"-?\d+"), ("attention", r"(?:fa3|flex|sdpa)"), ("device", r".+"),
               ("init_fingerprint", r"[0-9a-f]{12}"), ("time_budget", r"\d+(?:\.\d+)?"), ("eval_tokens", r"\d+")]
 OTHER_SEED = 43
-EVAL_TOKENS = 4 * 2 * 2048 + 1000  # two batches of the small-machine DEVICE_BATCH_SIZE, and a remainder left out
+EVAL_TOKENS = 4 * 2 * 2048 + 1000  # eight one-sequence batches (two of the small-machine settings), a remainder left out
 ONE_THREAD = {"OMP_NUM_THREADS": "1"}  # runs side by side share the 2 cores instead of fighting over them
 
 
@@ -460,12 +460,14 @@ def summary_of(result):
 
 
 @pytest.fixture(scope="module")
-def seeded_run(prepared_cache):
-    """`python train.py` for 4 s under AUTORESEARCH_SEED=43, as a verdict's rerun runs it: one real run for the
-    summary block, the learning and the seed override."""
+def seeded_run(prepared_cache, tmp_path_factory):
+    """`python train.py` for 4 s under AUTORESEARCH_SEED=43, as a verdict's rerun runs it, in a fresh interpreter:
+    one real run for the summary block, the learning and the seed override. Its micro-batches are one sequence
+    (FAST_STEPS), so that the 11 warm-up steps take ~10 s instead of ~35 s here; the model is train.py's."""
     env = {"AUTORESEARCH_TIME_BUDGET": "4", "AUTORESEARCH_EVAL_TOKENS": str(EVAL_TOKENS),
            "AUTORESEARCH_SEED": str(OTHER_SEED)}
-    r = run_script("train.py", cache=prepared_cache, timeout=600, extra_env=env)
+    script = patched_train_py(tmp_path_factory.mktemp("seeded"), FAST_STEPS)
+    r = run_script(script, cache=prepared_cache, timeout=600, extra_env=env, cold=True)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     return r
 
@@ -479,7 +481,7 @@ def test_train_py_end_to_end_prints_the_summary_block_and_learns(seeded_run, pre
     for line, (key, value) in zip(block, SUMMARY + CONDITIONS):
         assert re.fullmatch(rf"{key}:\s+{value}", line), line
         assert line.index(line.split()[1]) == 18  # values aligned in one column, as the agent's grep expects
-    batch = train.DEVICE_BATCH_SIZE * prepare.MAX_SEQ_LEN
+    batch = 1 * prepare.MAX_SEQ_LEN  # FAST_STEPS: one sequence per micro-batch
     evaluated = EVAL_TOKENS // batch * batch  # whole batches only
     assert evaluated < EVAL_TOKENS
     vocab = prepare.Tokenizer.from_directory(str(prepared_cache / "tokenizer")).get_vocab_size()
