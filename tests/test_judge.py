@@ -201,6 +201,9 @@ def test_a_cold_first_run_is_left_out_named_and_run_again(tmp_path):
     assert v["verdict"] == "keep" and "num_steps 47" in v["line"]
     df, _ = analysis.load_results(tmp_path / "results.tsv")
     assert analysis.night_noise(df)["sigma"] == pytest.approx(SIGMA)  # the four warm runs, as if 47 never ran
+    summary = analysis.summarize(df)  # the report's baseline is the one the verdicts compare with
+    assert summary["baseline_val_bpb"] == pytest.approx((1.010 + 0.995 + 1.005 + 1.000) / 4)
+    assert summary["kept"][0]["runs"] == 4 and summary["n_runs"] == 5
 
 
 def test_one_outlying_run_sets_no_floor_for_the_rest_of_the_night():
