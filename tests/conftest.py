@@ -147,7 +147,8 @@ def python():
                     server.kill()
                     raise RuntimeError(f"tests/warm.py did not start (exit {server.poll()})")
                 time.sleep(0.05)
-            _warm["server"], _warm["python"] = server, [sys.executable, str(ROOT / "tests" / "warm.py"), "run", str(sock)]
+            _warm["server"] = server
+            _warm["python"] = [sys.executable, str(ROOT / "tests" / "warm.py"), "run", str(sock)]
             atexit.register(end_warm_server)
         return list(_warm["python"])
 

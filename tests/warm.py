@@ -1,13 +1,14 @@
 """
 A warm interpreter for the suite: `python tests/warm.py run SOCKET script.py ...` (or `... run SOCKET -c CODE`)
 runs like `python script.py ...` (same cwd, environment, arguments, stdin/stdout/stderr, exit status and
-signals), but in a process forked from a server that has imported torch, numpy, pandas and pyarrow once, so each
-run skips the ~5 s of `import torch` on a CPU-only machine. The script itself, and everything of this project it
-imports (prepare.py reads its environment when imported), loads fresh in every run, as do huggingface_hub and
-kernels (they read their cache variables when imported).
+signals), but in a process forked from a server that has imported torch (with torch._dynamo, which the first
+torch.optim.Optimizer imports), numpy, pandas and pyarrow once, so each run skips ~8 s of imports on a CPU-only
+machine. The script itself, and everything of this project it imports (prepare.py reads its environment when
+imported), loads fresh in every run, as do huggingface_hub and kernels (they read their cache variables when
+imported).
 
-Usage (tests/conftest.py starts the server for the session, the `warm_python` fixture):
-    python tests/warm.py serve SOCKET      # until killed
+Usage (tests/conftest.py's python() starts the server; it ends with the session, or when its parent is gone):
+    python tests/warm.py serve SOCKET
     python tests/warm.py run SOCKET train.py
 
 The run is not the client's child: the signals the client can catch (SIGTERM, SIGINT, SIGHUP) are passed on, and
@@ -113,6 +114,7 @@ def serve(path):
         except socket.timeout:
             if os.getppid() != parent:  # whoever started the server is gone (killed before it could end it)
                 return
+            reap()
             continue
         conn.settimeout(None)
         msg, ancdata, _, _ = conn.recvmsg(65536, socket.CMSG_LEN(3 * array.array("i").itemsize))
@@ -147,11 +149,16 @@ def serve(path):
         for fd in fds:
             os.close(fd)
         conn.close()
-        try:
-            while os.waitpid(-1, os.WNOHANG)[0]:
-                pass
-        except ChildProcessError:
+        reap()
+
+
+def reap():
+    """Collects the middle processes that have ended."""
+    try:
+        while os.waitpid(-1, os.WNOHANG)[0]:
             pass
+    except ChildProcessError:
+        pass
 
 
 def run(path, argv):
