@@ -553,9 +553,10 @@ def failed_runs(broken_caches, tmp_path_factory):
     cache = broken_caches["without_val_shard"]
     jobs = {"without_val_shard": (cache, functools.partial(run_train, cache))}  # name -> (cache, command)
     for name, endpoint in [("connection_refused", closed_port_url()), ("name_not_resolved", "http://data.invalid")]:
-        cache = root / name  # the user's default back-off: a retry per shard would take minutes, not seconds
+        cache = root / name  # the user's default back-off (a retry per shard would take minutes, not seconds) and a
+        # fresh interpreter: the time a user waits, imports included
         jobs[name] = (cache, functools.partial(timed, run_script, "prepare.py", cache=cache, endpoint=endpoint,
-                                               extra_env={"AUTORESEARCH_BACKOFF_S": None}))
+                                               extra_env={"AUTORESEARCH_BACKOFF_S": None}, cold=True))
     tiny_hub = Hub(root / "tiny_hub")  # what someone trying their own data first serves: a few dozen short notes
     for index in (0, 1, 6542):
         write_shard(tiny_hub.shard_dir / f"shard_{index:05d}.parquet", short_notes(index))
