@@ -241,10 +241,12 @@ def evidence(df, like):
     return values, best_before, left_out, fingerprints
 
 
-def same_init(fingerprints, commit, best, seeds):
-    """Whether `commit` started from the best's initial weights under every one of `seeds` (equal fingerprints)."""
-    return all(fingerprints.get((commit, s)) and fingerprints.get((commit, s)) == fingerprints.get((best, s))
+def init_kind(fingerprints, commit, best, seeds):
+    """The seed-for-seed pool `commit` belongs to against `best`: "same_init" when it started from the best's initial
+    weights under every one of `seeds` (equal fingerprints), else "other_init"."""
+    same = all(fingerprints.get((commit, s)) and fingerprints.get((commit, s)) == fingerprints.get((best, s))
                for s in seeds)
+    return "same_init" if same else "other_init"
 
 
 def _mean(xs):
@@ -275,8 +277,7 @@ def noise(values, best_before, exclude=None, fingerprints=None):
         if best and set(seeds) <= set(best):
             d = [best[s] - v for s, v in seeds.items()]
             if any(d):
-                kind = "same_init" if same_init(fingerprints or {}, commit, best_before[commit], seeds) else "other_init"
-                pool = pools[kind]
+                pool = pools[init_kind(fingerprints or {}, commit, best_before[commit], seeds)]
                 pool[0] += sum((x - _mean(d)) ** 2 for x in d)
                 pool[1] += len(d) - 1
                 pool[2] += 1
@@ -412,7 +413,7 @@ def judge(df, commit=None, rule="noise"):
     if not cand:
         return _verdict("rerun", status, f"rerun with seed {seed}: every run of {commit} was left out; "
                                          + "; ".join(notes), seed=seed, evidence_lines=notes)
-    kind = "same_init" if cand and same_init(fingerprints, commit, best_commit, cand) else "other_init"
+    kind = init_kind(fingerprints, commit, best_commit, cand)
     nz = with_pool(nz, kind)
     c = compare(cand, best, nz)
     z, dof = c["z"], c["dof"]
@@ -494,8 +495,8 @@ def confirmation(df):
         for c in (baseline, best):  # the confirmation runs measure the seed noise too, as commits of their own
             values[f"{c} (confirmation)"] = got[c]
         prints = {(r["commit"], r["seed"]): r["init_fingerprint"] for r in runs.to_dict("records")}
-        kind = "same_init" if same_init(prints, best, baseline, got[best]) else "other_init"
-        nz = with_pool(noise(values, best_before, fingerprints=fingerprints), kind)
+        nz = with_pool(noise(values, best_before, fingerprints=fingerprints),
+                       init_kind(prints, best, baseline, got[best]))
         c = compare(got[best], got[baseline], nz)
         half = t_ppf(0.975, c["dof"]) * c["se"]
         out.update(gain=c["diff"], se=c["se"], dof=c["dof"], paired=c["paired"], ci=[c["diff"] - half, c["diff"] + half],
@@ -608,8 +609,9 @@ def record(tsv, summary, commit, description=None, rule="noise", confirm=False):
             if conf is None or commit not in (conf["baseline"], conf["best"]):
                 raise RecordError(f"commit {commit} is not one to confirm; `uv run analysis.py confirm` names the "
                                   "commit and seed to run")
-            if row[3] != "crash":  # a confirmation run takes its commit's status; it never sets one
-                row[3] = before.loc[before["commit"] == commit, "status"].iloc[-1]
+            status = HEADER.index("status")
+            if row[status] != "crash":  # a confirmation run takes its commit's status; it never sets one
+                row[status] = before.loc[before["commit"] == commit, "status"].iloc[-1]
             row[HEADER.index("verdict")] = "confirm"
             lines.append("\t".join(row))
             _replace(tsv, lines)

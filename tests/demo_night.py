@@ -15,7 +15,6 @@ Run it on an otherwise idle machine: under a fixed budget a busy machine takes f
 import argparse
 import os
 import re
-import shutil
 import subprocess
 import sys
 import time
@@ -23,7 +22,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from conftest import cold_python  # noqa: E402
-from test_loop import ROOT, block, run_block, uv_block, without_uv  # noqa: E402
+from test_loop import ROOT, Agent, block, copy_tracked_files, uv_block  # noqa: E402
 
 cold_python()  # every `uv run` a fresh interpreter, as for a user
 
@@ -77,16 +76,12 @@ IDEAS = [  # (description, edit): what a careful agent might try first on the sm
 ]
 
 
-class Night:
-    def __init__(self, repo, env, log):
-        self.repo, self.env, self.log = repo, env, log
+class Night(Agent):
+    """test_loop's agent (program.md's blocks, each verdict followed), saying every result as it comes."""
 
-    def sh(self, script, timeout=1800, **placeholders):
-        for name, value in placeholders.items():
-            script = script.replace(f"<{name}>", value)
-        r = subprocess.run(["bash", "-c", script], cwd=self.repo, env=self.env, capture_output=True, text=True,
-                           timeout=timeout)
-        return r
+    def __init__(self, repo, env, log):
+        super().__init__(repo, env)
+        self.log = log
 
     def say(self, text):
         line = f"{time.strftime('%H:%M:%S')} {text}"
@@ -95,17 +90,9 @@ class Night:
         self.log.flush()
 
     def run_and_record(self, description, seed=None):
-        self.sh(run_block(rerun=seed is not None), **({"seed": str(seed)} if seed is not None else {}))
-        grep = self.sh(block('grep "^val_bpb:')).stdout.strip().replace("\n", " ")
-        verdict = self.sh(uv_block("analysis.py record --description"), description=description).stdout.strip()
-        self.say(f"  [{grep or 'crash'}] {verdict}")
-        return verdict
-
-    def experiment(self, description):
-        verdict = self.run_and_record(description)
-        while (m := re.match(r"rerun with seed (\d+):", verdict)):
-            verdict = self.run_and_record(description, seed=int(m.group(1)))
-        return verdict
+        result = super().run_and_record(description, seed)
+        self.say(f"  [{result['grep'].strip().replace(chr(10), ' ') or 'crash'}] {result['verdict']}")
+        return result
 
 
 def main():
@@ -119,11 +106,7 @@ def main():
     out = Path(args.out)
     repo = out / "repo"
     repo.mkdir(parents=True)
-    files = subprocess.run(["git", "-C", ROOT, "ls-files", "-z"], capture_output=True, text=True, check=True).stdout
-    for name in filter(None, files.split("\0")):
-        if (ROOT / name).is_file():
-            (repo / name).parent.mkdir(parents=True, exist_ok=True)
-            shutil.copy2(ROOT / name, repo / name)
+    copy_tracked_files(repo)
     env = {k: v for k, v in os.environ.items() if not k.startswith(("AUTORESEARCH_", "GIT_"))}
     env.update(AUTORESEARCH_CACHE_DIR=args.cache, AUTORESEARCH_TIME_BUDGET=args.budget, CUDA_VISIBLE_DEVICES="",
                GIT_CONFIG_NOSYSTEM="1", GIT_CONFIG_GLOBAL=os.devnull)
@@ -138,7 +121,7 @@ def main():
         night.sh(block("git checkout -b"), tag=args.tag)
         night.sh(block("printf 'commit"))
         night.say(f"baseline (budget {args.budget} s, cache {args.cache})")
-        night.say(f"  => {night.experiment('baseline')}")
+        night.say(f"  => {night.experiment('baseline')[-1]['verdict']}")
         for description, apply in IDEAS:
             src, n = apply((repo / "train.py").read_text())
             if not n:
@@ -147,21 +130,17 @@ def main():
             (repo / "train.py").write_text(src)
             night.sh(block("git commit -m"), description=description)
             night.say(description)
-            verdict = night.experiment(description)
+            verdict = night.experiment(description)[-1]["verdict"]
             if verdict.startswith(("discard", "crash")):
-                night.sh(block("git reset --hard"))
+                night.reset()
             elif not verdict.startswith("keep"):
                 night.say(f"stopped: {verdict}")
                 return 1
         night.say("confirmation")
-        while True:
-            line = night.sh(uv_block("uv run analysis.py confirm")).stdout.strip()
-            m = re.match(r"run (\w+) with seed (\d+): ", line)
-            if not m:
-                night.say(f"  => {line}")
-                break
-            said = night.sh(without_uv(block("record --confirm")), commit=m.group(1), seed=m.group(2)).stdout.strip()
-            night.say(f"  {said}")
+        said = night.confirm()
+        for line in said[:-1]:
+            night.say(f"  {line}")
+        night.say(f"  => {said[-1]}")
         night.sh(block("git checkout autoresearch/<tag>"), tag=args.tag)
         night.say(night.sh(uv_block("uv run analysis.py\n")).stdout)
     return 0

@@ -178,18 +178,23 @@ def get_constant(repo, name):
 # The throwaway repository
 
 
-def make_repo(path, env, slow_start=True, warmup=WARMUP):
-    """A copy of this repo's tracked files with its own history: main = the copy, then the scaled-down train.py
-    (with learning rates 30x too small unless not `slow_start`; `warmup` (old, new) replaced in its loop, None for
-    train.py's own)."""
-    if subprocess.run(["git", "-C", ROOT, "rev-parse", "--is-inside-work-tree"], capture_output=True).returncode:
-        pytest.skip("the repo is not a git checkout (its tracked files are what the loop starts from)")
+def copy_tracked_files(path):
+    """This repo's tracked files (as in the working tree) copied into `path`."""
     files = subprocess.run(["git", "-C", ROOT, "ls-files", "-z"], capture_output=True, text=True,
                            check=True).stdout.split("\0")
     for name in filter(None, files):
         if (ROOT / name).is_file():
             (path / name).parent.mkdir(parents=True, exist_ok=True)
             shutil.copy2(ROOT / name, path / name)
+
+
+def make_repo(path, env, slow_start=True, warmup=WARMUP):
+    """A copy of this repo's tracked files with its own history: main = the copy, then the scaled-down train.py
+    (with learning rates 30x too small unless not `slow_start`; `warmup` (old, new) replaced in its loop, None for
+    train.py's own)."""
+    if subprocess.run(["git", "-C", ROOT, "rev-parse", "--is-inside-work-tree"], capture_output=True).returncode:
+        pytest.skip("the repo is not a git checkout (its tracked files are what the loop starts from)")
+    copy_tracked_files(path)
     train_py = path / "train.py"
     tiny = TINY_SETTINGS if slow_start else "".join(line + "\n" for line in TINY_SETTINGS.splitlines()
                                                      if "a slow start" not in line)
