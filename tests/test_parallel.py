@@ -221,21 +221,31 @@ def test_slots_run_at_once_survive_a_killed_run_merge_the_winner_run_on_skypilot
 
     # Slots 0 and 1 run the wave block as written. Slot 2's line runs on its own, in a process group of its own
     # and without `timeout` (which would put the run in a group of its own again), so that it alone can be
-    # killed with SIGKILL once it trains, as a dying machine would kill it (a cold python: the run itself dies).
+    # killed with SIGKILL, as a dying machine would kill it (a cold python: the run itself dies). Its budget is
+    # 600 s, so it is still training when the other two are: it starts first, and is killed once they train.
     before = cache_digest(prepared_cache)
     alone = wave([(2, 42)], shlex.quote(sys.executable)).splitlines()[0]
     alone = alone.removesuffix(" &").replace("timeout 600 ", "")
-    alone = subprocess.Popen(["bash", "-c", alone], cwd=repo, env=env, start_new_session=True)
+    alone = subprocess.Popen(["bash", "-c", alone], cwd=repo, env=dict(env, AUTORESEARCH_TIME_BUDGET="600"),
+                             start_new_session=True)
     kill_time = []
 
-    def kill_slot_2_once_it_trains():
-        log = slots[2] / "run.log"
-        if not kill_time and log.exists() and "\nstep 00001 " in log.read_text(errors="replace"):
+    def trains(n):
+        log = slots[n] / "run.log"
+        return log.exists() and "\nstep 00001 " in log.read_text(errors="replace")
+
+    def kill_slot_2_once_all_train():
+        if not kill_time and trains(0) and trains(1):
+            assert alone.poll() is None and trains(2), "slot 2 ended before it was killed"
             os.killpg(alone.pid, signal.SIGKILL)
             kill_time.append(time.time())
 
     try:
-        seen = play_wave(agent, [(0, 42), (1, 42)], poll=kill_slot_2_once_it_trains)
+        deadline = time.time() + 120
+        while not trains(2):
+            assert alone.poll() is None and time.time() < deadline, (slots[2] / "run.log").read_text()[-2000:]
+            time.sleep(0.05)
+        seen = play_wave(agent, [(0, 42), (1, 42)], poll=kill_slot_2_once_all_train)
         assert alone.wait(timeout=60) == -signal.SIGKILL and kill_time, "slot 2 was not killed while it trained"
     finally:
         if alone.poll() is None:
