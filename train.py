@@ -1,11 +1,7 @@
 """
 Pretrain a small GPT for a fixed 5 minutes of wall clock, then report val_bpb (lower is better).
-
-Usage: uv run train.py                      (the agent: uv run train.py > run.log 2>&1)
-
-This is the one file the agent edits: model, optimizer, hyperparameters, training loop. prepare.py holds
-the data, the tokenizer and the metric, and stays fixed. Importing this file builds nothing and trains
-nothing (tests import GPT and MuonAdamW from it).
+Usage: uv run train.py > run.log 2>&1. The one file the agent edits; prepare.py (data, tokenizer, metric) stays
+fixed. Importing this file builds and trains nothing (tests import GPT and MuonAdamW from it).
 """
 
 import functools
@@ -170,7 +166,9 @@ class GPT(nn.Module):
     def __init__(self, config):
         super().__init__()
         self.config = config
-        self.window_sizes = self.compute_window_sizes(config)
+        pattern, long = config.window_pattern, config.sequence_len
+        self.window_sizes = [long // (2 if pattern[i % len(pattern)] == "S" else 1) for i in range(config.n_layer)]
+        self.window_sizes[-1] = long
         self.transformer = nn.ModuleDict(dict(
             wte=nn.Embedding(config.vocab_size, config.n_embd),
             h=nn.ModuleList([Block(config, i) for i in range(config.n_layer)]),
@@ -188,14 +186,6 @@ class GPT(nn.Module):
         self.block_masks = {}  # window -> flex BlockMask for T = sequence_len, built by init_weights on CUDA
 
     @staticmethod
-    def compute_window_sizes(config):
-        long, short = config.sequence_len, config.sequence_len // 2
-        windows = [{"L": long, "S": short}[config.window_pattern[i % len(config.window_pattern)]]
-                   for i in range(config.n_layer)]
-        windows[-1] = long
-        return windows
-
-    @staticmethod
     def precompute_rotary(seq_len, head_dim, base=10000, device=None):
         inv_freq = 1.0 / (base ** (torch.arange(0, head_dim, 2, dtype=torch.float32, device=device) / head_dim))
         freqs = torch.outer(torch.arange(seq_len, dtype=torch.float32, device=device), inv_freq)
@@ -203,9 +193,8 @@ class GPT(nn.Module):
 
     @torch.no_grad()
     def init_weights(self, seed):
-        """Each parameter draws from a stream of its own, seeded by `seed` and the parameter's name (on the CPU,
-        so any device gets the same values): adding, removing or reshaping one module leaves every other
-        parameter's initial values as they were."""
+        """Each parameter draws from its own stream, seeded by `seed` and its name, on the CPU (any device gets the
+        same values): adding, removing or reshaping one module leaves every other parameter's values as they were."""
         n_embd = self.config.n_embd
         s = 3**0.5 * n_embd**-0.5  # uniform(-s, s) has the std of normal(0, 1/sqrt(d))
         names = {p: name for name, p in self.named_parameters()}
@@ -247,8 +236,7 @@ class GPT(nn.Module):
         return counts
 
     def estimate_flops(self):
-        """Training FLOPs per token: 6 per matmul weight (forward + backward; embedding lookups and scalars are
-        not matmuls) plus attention's QK^T and AV over each layer's effective window."""
+        """Training FLOPs per token: 6 per matmul weight (not embeddings or scalars), plus QK^T and AV per window."""
         c = self.num_params()
         matmul_params = c["total"] - c["wte"] - c["value_embeds"] - c["scalars"]
         head_dim = self.config.n_embd // self.config.n_head
@@ -349,8 +337,7 @@ if DEVICE_TYPE == "cuda":  # fused kernels on the GPU; eager elsewhere (no compi
 
 
 class MuonAdamW(torch.optim.Optimizer):
-    """param groups of kind "adamw" (lr, betas, eps, weight_decay) or "muon" (lr, momentum, ns_steps, beta2,
-    weight_decay; all params of one shape)."""
+    """Groups of kind "adamw" (lr, betas, eps, weight_decay) or "muon" (lr, momentum, ns_steps, beta2, weight_decay)."""
 
     def __init__(self, param_groups):
         super().__init__(param_groups, defaults={})
@@ -475,10 +462,7 @@ def peak_memory_mb():
 
 
 def sync():
-    if DEVICE_TYPE == "cuda":
-        torch.cuda.synchronize()
-    elif DEVICE_TYPE == "mps":
-        torch.mps.synchronize()
+    {"cuda": torch.cuda.synchronize, "mps": torch.mps.synchronize}.get(DEVICE_TYPE, lambda: None)()
 
 
 def init_fingerprint(model):
