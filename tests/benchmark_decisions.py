@@ -3,6 +3,7 @@ Decision quality of the keep/discard judgement: thousands of simulated nights wi
 the noise-aware rule of analysis.py and by the reference's plain rule on the same draws, in seven scenarios.
 
 Usage: uv run python tests/benchmark_decisions.py [--nights 4000] [--experiments 100] [--seed 0] [--check 3]
+       [--known-noise] [--known-best]
 
 A night is a baseline and then `--experiments` ideas, each a commit on top of the best kept so far, whose true effect
 on val_bpb is drawn from a mix, in noise floors of gain (the floor is sqrt(2) * sigma, how far a seed change alone
@@ -94,10 +95,13 @@ def nanmean(x):
 # The vectorised judge
 
 
-def simulate(rule, scenario, d, known_noise=False):
-    """Every night of `d` under `rule` (with `known_noise`, the noise rule is handed sigma and the seed-for-seed
-    spread exactly, as if measured on endless degrees of freedom: what measuring them costs). Returns per-experiment keep (bool) and runs, and per night the true gain,
-    the gain results.tsv claims (baseline mean - best kept mean, as analysis.summarize reports it) and the runs."""
+def simulate(rule, scenario, d, known_noise=False, known_best=False):
+    """Every night of `d` under `rule`. With `known_noise`, the noise rule is handed sigma and the seed-for-seed
+    spread exactly, as if measured on endless degrees of freedom: what measuring them costs. With `known_best`, it
+    compares each candidate with the best's true value instead of the best's runs: what measuring the best costs,
+    its winner's curse included (a commit kept on one lucky run is the bar for every commit after it). Returns
+    per-experiment keep (bool) and runs, and per night the true gain, the gain results.tsv claims (baseline mean -
+    best kept mean, as analysis.summarize reports it) and the runs."""
     nights, experiments = d["effect"].shape
     every = np.arange(nights)
     keep = np.zeros((nights, experiments), bool)
@@ -144,6 +148,8 @@ def simulate(rule, scenario, d, known_noise=False):
             tighter = ok & (se_p * t95(dof_p_i) < se * t95(k))
             d_p = nanmean(np.where(both, b - c, np.nan))
             diff, se, k = np.where(tighter, d_p, diff), np.where(tighter, se_p, se), np.where(tighter, dof_p_i, k)
+            if known_best:
+                diff, se, k = true[i] - nanmean(c), sigma / np.sqrt(n_c), dof_i
             z = diff / se
             if stage == 0:
                 kept = (z >= bars(analysis.KEEP_ONE, k)) & (dof_p_i >= analysis.ONE_RUN_KEEP_DOF)
@@ -239,15 +245,17 @@ def main():
     parser.add_argument("--check", type=int, default=3, help="nights per scenario replayed through analysis.judge")
     parser.add_argument("--known-noise", action="store_true", help="hand the noise rule the true noise (what "
                                                                    "measuring it costs); no replay")
+    parser.add_argument("--known-best", action="store_true", help="compare with the best's true value instead of "
+                                                                  "its runs (what measuring it costs); no replay")
     args = parser.parse_args()
     t0 = time.time()
     results, checked, disagree = {}, 0, []
     for s, scenario in enumerate(SCENARIOS):
         d = draws(scenario, args.nights, args.experiments, np.random.default_rng([args.seed, s]))
         for rule in analysis.RULES:
-            r = simulate(rule, scenario, d, args.known_noise)
+            r = simulate(rule, scenario, d, args.known_noise, args.known_best)
             results[scenario, rule] = metrics(scenario, r, d)
-            for night in range(0 if args.known_noise else min(args.check, args.nights)):
+            for night in range(0 if args.known_noise or args.known_best else min(args.check, args.nights)):
                 got = replay(rule, scenario, d, night)
                 want = list(zip(r["keep"][night], r["runs"][night].astype(int)))
                 checked += len(got)
@@ -258,7 +266,7 @@ def main():
           f"baseline under {len(analysis.BASELINE_SEEDS)} seeds, bars {analysis.KEEP_ONE} / {analysis.DISCARD_ONE} / "
           f"{analysis.KEEP_TWO} as t quantiles, one-run keeps after {analysis.ONE_RUN_KEEP_DOF} seed-for-seed dof; "
           f"{time.time() - t0:.0f} s\n")
-    if not args.known_noise:
+    if not (args.known_noise or args.known_best):
         print(f"analysis.judge replayed {checked} experiments ({args.check} nights per scenario and rule): "
               + ("every decision agrees with the vectorised copy" if not disagree else
                  f"{len(disagree)} DISAGREE, first {disagree[:3]}") + "\n")
