@@ -9,6 +9,7 @@ import gc
 import hashlib
 import math
 import os
+import signal
 import sys
 import time
 import warnings
@@ -624,7 +625,14 @@ def main():
         print(f"{key + ':':<18}{value}")
 
 
+def on_sigterm(signum, frame):  # `timeout 600` stops a run with SIGTERM: say so in run.log, then end by it
+    print("\nFAIL: stopped by SIGTERM (the 10-minute timeout, or the machine)", flush=True)
+    signal.signal(signum, signal.SIG_DFL)
+    os.kill(os.getpid(), signum)
+
+
 if __name__ == "__main__":
+    signal.signal(signal.SIGTERM, on_sigterm)
     try:
         main()
     except torch.OutOfMemoryError:  # the agent logs a crash and moves on
