@@ -338,7 +338,8 @@ if DEVICE_TYPE == "cuda":  # fused kernels on the GPU; eager elsewhere (no compi
 
 
 class MuonAdamW(torch.optim.Optimizer):
-    """Groups of kind "adamw" (lr, betas, eps, weight_decay) or "muon" (lr, momentum, ns_steps, beta2, weight_decay)."""
+    """Groups of kind "adamw" (lr, betas, eps, weight_decay) or "muon" (lr, momentum, ns_steps, beta2, weight_decay;
+    every matrix of a muon group has the same shape)."""
 
     def __init__(self, param_groups):
         super().__init__(param_groups, defaults={})
