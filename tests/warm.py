@@ -38,6 +38,12 @@ def recv_all(conn):
     return data
 
 
+def die_of(sig):
+    """End this process by the signal `sig` (its exit status is then -sig, as for a python killed by it)."""
+    signal.signal(sig, signal.SIG_DFL)
+    os.kill(os.getpid(), sig)
+
+
 def child(fds, request):
     """In the forked process: become the client's `python script.py` and exit with the script's status."""
     for fd, target in zip(fds, (0, 1, 2)):
@@ -87,8 +93,7 @@ def child(fds, request):
     sys.stdout.flush()
     sys.stderr.flush()
     if code < 0:
-        signal.signal(-code, signal.SIG_DFL)
-        os.kill(os.getpid(), -code)
+        die_of(-code)
     os._exit(code)
 
 
@@ -172,8 +177,7 @@ def run(path, argv):
         signal.signal(sig, lambda s, _: os.kill(pid, s))
     code = int(reply.readline())
     if code < 0:  # killed by a signal: end the same way, so `timeout` and bash see what they would have seen
-        signal.signal(-code, signal.SIG_DFL)
-        os.kill(os.getpid(), -code)
+        die_of(-code)
     sys.exit(code)
 
 
