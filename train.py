@@ -1,8 +1,6 @@
-"""
-Pretrain a small GPT for a fixed 5 minutes of wall clock, then report val_bpb (lower is better).
+"""Pretrain a small GPT for a fixed 5 minutes of wall clock, then report val_bpb (lower is better).
 Usage: uv run train.py > run.log 2>&1. The one file the agent edits; prepare.py (data, tokenizer, metric) stays
-fixed. Importing this file builds and trains nothing (tests import GPT and MuonAdamW from it).
-"""
+fixed. Importing this file builds and trains nothing (tests import GPT and MuonAdamW from it)."""
 
 import functools
 import gc
@@ -57,8 +55,7 @@ def apply_rotary_emb(x, cos, sin):
 
 
 def load_attention_backend():
-    """Flash Attention 3 on CUDA (from the local cache prepare.py fills, else the `kernels` hub), else flex
-    attention (CUDA), else PyTorch SDPA. Returns (backend, fa3 module or None, a one-line note for the log)."""
+    """FA3 on CUDA (local cache, else the `kernels` hub), else flex attention, else SDPA: (backend, fa3, log note)."""
     if DEVICE_TYPE != "cuda":
         return "sdpa", None, f"no CUDA on {DEVICE_TYPE}"
     try:
@@ -76,8 +73,7 @@ def load_attention_backend():
         return "sdpa", None, f"PyTorch SDPA with a mask ({reason}; flex attention failed: {type(e).__name__})"
 
 
-def check_flex_attention():
-    """Raises if flex attention with a sliding-window block mask cannot run on this GPU."""
+def check_flex_attention():  # raises if flex attention with a sliding-window block mask cannot run on this GPU
     q = torch.randn(1, 2, 256, 128, device="cuda", dtype=torch.bfloat16)
     with warnings.catch_warnings():  # the probe runs uncompiled on purpose; the model is compiled
         warnings.simplefilter("ignore")
@@ -89,9 +85,8 @@ ATTN_BACKEND, fa3 = None, None  # set by main() before the model is built
 
 @functools.lru_cache(maxsize=8)
 def sliding_window_mask(T, window, device):
-    """(T, T) bool: query i sees keys i-window ... i."""
     i = torch.arange(T, device=device)
-    d = i[:, None] - i[None, :]
+    d = i[:, None] - i[None, :]  # (T, T): query i sees keys i-window ... i
     return (d >= 0) & (d <= window)
 
 
@@ -136,8 +131,7 @@ class CausalSelfAttention(nn.Module):
         if ve is not None:  # ResFormer value embedding, mixed in by a per-head gate in (0, 2), 1 at init
             gate = 2 * torch.sigmoid(self.ve_gate(x[..., :self.ve_gate_channels]))  # (B, T, n_kv_head)
             v = v + gate.unsqueeze(-1) * ve.view(B, T, self.n_kv_head, self.head_dim)
-        cos, sin = cos_sin
-        q, k = norm(apply_rotary_emb(q, cos, sin)), norm(apply_rotary_emb(k, cos, sin))  # QK norm after RoPE
+        q, k = norm(apply_rotary_emb(q, *cos_sin)), norm(apply_rotary_emb(k, *cos_sin))  # QK norm after RoPE
         y = attention(q, k, v, window, block_mask)
         return self.c_proj(y.contiguous().view(B, T, -1))
 
@@ -170,10 +164,8 @@ class GPT(nn.Module):
         pattern, long = config.window_pattern, config.sequence_len
         self.window_sizes = [long // (2 if pattern[i % len(pattern)] == "S" else 1) for i in range(config.n_layer)]
         self.window_sizes[-1] = long
-        self.transformer = nn.ModuleDict(dict(
-            wte=nn.Embedding(config.vocab_size, config.n_embd),
-            h=nn.ModuleList([Block(config, i) for i in range(config.n_layer)]),
-        ))
+        self.transformer = nn.ModuleDict(dict(wte=nn.Embedding(config.vocab_size, config.n_embd),
+                                              h=nn.ModuleList([Block(config, i) for i in range(config.n_layer)])))
         self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)  # untied from wte
         self.resid_lambdas = nn.Parameter(torch.ones(config.n_layer))   # scales the residual stream into layer i
         self.x0_lambdas = nn.Parameter(torch.zeros(config.n_layer))     # mixes the normed embedding back in
@@ -225,8 +217,7 @@ class GPT(nn.Module):
             if ATTN_BACKEND == "flex":
                 self.block_masks = {w: make_block_mask(self.config.sequence_len, w, device) for w in set(self.window_sizes)}
 
-    def num_params(self):
-        """Parameter counts by kind; the kinds sum to the total."""
+    def num_params(self):  # parameter counts by kind
         counts = {"wte": self.transformer.wte.weight.numel(),
                   "value_embeds": sum(p.numel() for p in self.value_embeds.parameters()),
                   "lm_head": self.lm_head.weight.numel(),
@@ -258,8 +249,7 @@ class GPT(nn.Module):
         for shape in sorted({p.shape for p in matrices}):  # Muon updates same-shape matrices stacked
             groups.append(dict(kind="muon", params=[p for p in matrices if p.shape == shape], lr=matrix_lr,
                                momentum=0.95, ns_steps=5, beta2=0.95, weight_decay=weight_decay))
-        groups = [g for g in groups if g["params"]]
-        optimizer = MuonAdamW(groups)
+        optimizer = MuonAdamW([g for g in groups if g["params"]])
         for g in optimizer.param_groups:
             g["initial_lr"] = g["lr"]
         return optimizer
@@ -410,9 +400,8 @@ FINAL_LR_FRAC = 0.0        # lr multiplier at the very end
 VAL_TOKENS = EVAL_TOKENS   # validation tokens scored at the end (prepare's fixed 20,971,520 on CUDA)
 SEED = 42                  # initial weights; reruns under other seeds set AUTORESEARCH_SEED (never tune SEED)
 
-# Small machines (Apple MPS, CPU): one default step would take minutes there, so a small model and batch and a
-# shorter evaluation keep `uv run train.py` working end to end. CUDA runs the numbers above unchanged.
-# val_bpb from these runs is comparable only with other runs on the same machine.
+# Small machines (Apple MPS, CPU), where one default step takes minutes: a small model and batch and a shorter
+# evaluation keep `uv run train.py` working end to end; val_bpb compares only with runs on the same machine.
 if DEVICE_TYPE != "cuda":
     DEPTH, ASPECT_RATIO, HEAD_DIM = 2, 64, 64   # width 128, 2 heads, 3.5M parameters
     TOTAL_BATCH_SIZE, DEVICE_BATCH_SIZE = 2**13, 4
@@ -509,23 +498,20 @@ def main():
     train_loader = make_dataloader(tokenizer, DEVICE_BATCH_SIZE, MAX_SEQ_LEN, "train", device=DEVICE_TYPE)
     shard_paths("val")
     torch.set_float32_matmul_precision("high")
-    device = torch.device(DEVICE_TYPE)
     autocast = torch.autocast(device_type="cuda", dtype=torch.bfloat16) if DEVICE_TYPE == "cuda" else nullcontext()
     ATTN_BACKEND, fa3, attn_note = load_attention_backend()
     gpu = torch.cuda.get_device_name() if DEVICE_TYPE == "cuda" else None
     peak_flops = next((f for name, f in GPU_PEAK_FLOPS if name in gpu), 0.0) if gpu else 0.0
 
     config = build_model_config(DEPTH, tokenizer.get_vocab_size())
-    # on the GPU: shapes first on the meta device, then memory once; elsewhere build in place (the meta path
-    # imports the compiler stack, ~3.5 s of CPU start-up for nothing)
-    with torch.device("meta" if DEVICE_TYPE == "cuda" else device):
+    # GPU: shapes on the meta device, then memory once; elsewhere in place (meta imports the compiler: ~3.5 s on CPU)
+    with torch.device("meta" if DEVICE_TYPE == "cuda" else DEVICE_TYPE):
         model = GPT(config)
-    model.to_empty(device=device)
+    model.to_empty(device=DEVICE_TYPE)
     torch.manual_seed(seed)  # for anything an edit draws from the global stream; init_weights seeds its own
     model.init_weights(seed)
     fingerprint = init_fingerprint(model)
-    counts = model.num_params()
-    flops_per_token = model.estimate_flops()
+    counts, flops_per_token = model.num_params(), model.estimate_flops()
     grad_accum_steps = TOTAL_BATCH_SIZE // (DEVICE_BATCH_SIZE * MAX_SEQ_LEN)
     optimizer = model.setup_optimizer(unembedding_lr=UNEMBEDDING_LR, embedding_lr=EMBEDDING_LR, matrix_lr=MATRIX_LR,
                                       weight_decay=WEIGHT_DECAY, adam_betas=ADAM_BETAS, scalar_lr=SCALAR_LR)
@@ -547,10 +533,9 @@ def main():
 
     x, y, epoch = next(train_loader)
     t_loop, wait_before_loop = time.time(), train_loader.wait_seconds
-    interactive = sys.stdout.isatty()
-    last_print = 0.0
-    smooth_loss, training_time, step = 0.0, 0.0, 0
-    while True:
+    interactive, last_print = sys.stdout.isatty(), 0.0
+    smooth_loss, training_time, step, done = 0.0, 0.0, 0, False
+    while not done:
         sync()
         t0 = time.time()
         for _ in range(grad_accum_steps):
@@ -593,8 +578,6 @@ def main():
             gc.collect()
             gc.freeze()
             gc.disable()
-        if done:
-            break
     if interactive:
         print()
     train_loader.close()
