@@ -186,6 +186,34 @@ FILTER = {"keep_one": 1.8, "discard_one": 1.3, "keep_two": 1.6, "reruns_before_o
 EFFECTS = np.arange(-20, 20.01, 0.5)  # the grid of gains the filter's prior lives on, in units of sigma
 
 
+def posterior(prior, log_lik):
+    w = prior * np.exp(log_lik - log_lik.max(1, keepdims=True))
+    return w / w.sum(1, keepdims=True)
+
+
+def paired_update(prior, m, c, tau2, g, kept, rerun, y1, y2):
+    """The paired filter's step: m (nights, 2) and c (nights, 2, 2), the best's value under seeds 42 and 43, updated
+    by a commit's runs (seed 42, and seed 43 where it was rerun), each with spread sqrt(tau2) around its seed's value.
+    Given the effect g the update is a Kalman step; over g it is a mixture, moment-matched back to a normal."""
+    out = []
+    for h, y in ((np.array([[1.0, 0.0]]), y1[:, None]), (np.eye(2), np.stack([y1, y2], 1))):
+        S = np.einsum("ij,njk,lk->nil", h, c, h) + tau2[:, None, None] * np.eye(len(h))
+        S_inv = np.linalg.inv(S)
+        gain = np.einsum("nij,kj,nkl->nil", c, h, S_inv)
+        innovation = (y[:, None, :] + g[..., None]) - np.einsum("ij,nj->ni", h, m)[:, None, :]  # (nights, grid, k)
+        log_lik = (-0.5 * np.einsum("ngk,nkl,ngl->ng", innovation, S_inv, innovation)
+                   - 0.5 * np.log(np.linalg.det(S))[:, None])
+        out.append((m[:, None, :] + np.einsum("nik,ngk->ngi", gain, innovation),
+                    c - np.einsum("nik,kj,njl->nil", gain, h, c), log_lik))
+    (m1, c1, l1), (m2, c2, l2) = out
+    w = posterior(prior, np.where(rerun[:, None], l2, l1))
+    new = np.where(rerun[:, None, None], m2, m1)
+    new = np.where(kept[:, None, None], new - g[..., None], new)
+    m = (w[..., None] * new).sum(1)
+    dev = new - m[:, None, :]
+    return m, np.where(rerun[:, None, None], c2, c1) + np.einsum("ng,ngi,ngj->nij", w, dev, dev)
+
+
 def simulate_filter(scenario, d):
     """The judge's z rule (t bars, one rerun under a second seed, sigma pooled from the baseline and the reruns)
     with one change: the best is not the mean of its own runs but an estimate of its true value, a normal (mu, v)
@@ -193,9 +221,13 @@ def simulate_filter(scenario, d):
     discarded commit's runs inform the parent's value too. The posterior uses a prior over effects on a grid in
     units of sigma, learned during the night (prior_weight pseudo-experiments of a default: prior_zero at no
     effect, the rest a normal of width prior_width sigma mixed with a flat part), and every posterior is moment-
-    matched back to a normal. This removes the winner's curse of a commit kept on one lucky run. It ignores seed-
-    for-seed pairing. Returns what simulate returns."""
-    f, (nights, experiments) = FILTER, d["effect"].shape
+    matched back to a normal. This removes the winner's curse of a commit kept on one lucky run.
+
+    Where commits share initial weights (the same_init scenarios), a second filter carries the best's value under
+    each of the candidates' two seeds (paired_update), with a run's spread around it measured from the seed-for-
+    seed differences of the baseline and of every rerun commit; once those have PAIRED_MIN_DOF, the comparison
+    with the tighter 95% bar decides, as in the judge. Returns what simulate returns."""
+    f, shared, (nights, experiments) = FILTER, SCENARIOS[scenario][2], d["effect"].shape
     normal = np.exp(-0.5 * (EFFECTS / f["prior_width"]) ** 2)
     default = np.where(EFFECTS == 0, f["prior_zero"], 0.0) + (1 - f["prior_zero"]) * (
         (1 - f["prior_flat"]) * normal / normal.sum() + f["prior_flat"] / len(EFFECTS))
@@ -203,28 +235,38 @@ def simulate_filter(scenario, d):
     base = np.stack([run_value(scenario, d, 0.0, d["base"][:, s], s) for s in range(N_SEEDS)], 1)
     ss, dof = ((base - base.mean(1, keepdims=True)) ** 2).sum(1), np.full(nights, N_SEEDS - 1.0)
     mu, v = base.mean(1), ss / dof / N_SEEDS
+    pm, pc = base[:, :2].copy(), None  # the paired filter: the best under seeds 42 and 43
+    d_sum, d_sq, d_n = base[:, 0] - base[:, 1], (base[:, 0] - base[:, 1]) ** 2, np.ones(nights)  # seed-for-seed
     min_kept = mu.copy()  # the best kept mean of its runs, as results.tsv claims it
     keep, runs, true = np.zeros((nights, experiments), bool), np.zeros((nights, experiments)), np.zeros(nights)
     for e in range(experiments):
-        value, s2 = true - d["effect"][:, e] * FLOOR, ss / dof
+        value, s2, p_dof = true - d["effect"][:, e] * FLOOR, ss / dof, d_n - 1
+        tau2 = np.where(p_dof >= 1, (d_sq - d_sum ** 2 / d_n) / np.maximum(p_dof, 1) / 2, s2)
+        pc = np.eye(2) * tau2[:, None, None] if pc is None else pc
         y1 = run_value(scenario, d, value, d["run"][:, e, 0], 0)
         y2 = run_value(scenario, d, value, d["run"][:, e, 1], 1)
-        z1 = (mu - y1) / np.sqrt(s2 + v)
-        kept = (z1 >= bars(f["keep_one"], dof)) & (dof >= N_SEEDS - 1 + f["reruns_before_one_run_keeps"])
-        rerun = ~kept & (z1 > bars(f["discard_one"], dof))
+        se, se_p = np.sqrt(s2 + v), np.sqrt(tau2 + pc[:, 0, 0])
+        paired = shared & (p_dof >= analysis.PAIRED_MIN_DOF) & (se_p * t95(p_dof) < se * t95(dof))
+        k = np.where(paired, p_dof, dof)
+        z1 = np.where(paired, (pm[:, 0] - y1) / se_p, (mu - y1) / se)
+        kept = (z1 >= bars(f["keep_one"], k)) & (dof >= N_SEEDS - 1 + f["reruns_before_one_run_keeps"])
+        rerun = ~kept & (z1 > bars(f["discard_one"], k))
         y, n = np.where(rerun, (y1 + y2) / 2, y1), np.where(rerun, 2.0, 1.0)
-        kept |= rerun & ((mu - y) / np.sqrt(s2 / 2 + v) >= bars(f["keep_two"], dof))
+        z2 = np.where(paired, (pm.sum(1) / 2 - y) / np.sqrt(pc.sum((1, 2)) / 4 + tau2 / 2),
+                      (mu - y) / np.sqrt(s2 / 2 + v))
+        kept |= rerun & (z2 >= bars(f["keep_two"], k))
         keep[:, e], runs[:, e] = kept, 1 + rerun
         # the posterior over this commit's effect g, and over the parent's value given g (a normal)
         g = EFFECTS[None, :] * np.sqrt(s2)[:, None]
-        log_lik = -0.5 * ((mu - y)[:, None] - g) ** 2 / (s2 / n + v)[:, None]
-        w = prior * np.exp(log_lik - log_lik.max(1, keepdims=True))
-        w /= w.sum(1, keepdims=True)
+        w = posterior(prior, -0.5 * ((mu - y)[:, None] - g) ** 2 / (s2 / n + v)[:, None])
         precision = 1 / v + n / s2
         parent = ((mu / v)[:, None] + (y[:, None] + g) * (n / s2)[:, None]) / precision[:, None]
         new = np.where(kept[:, None], parent - g, parent)  # a kept commit's value; else the parent's, informed
         mu = (w * new).sum(1)
         v = 1 / precision + (w * (new - mu[:, None]) ** 2).sum(1)
+        if shared:
+            pm, pc = paired_update(prior, pm, pc, tau2, g, kept, rerun, y1, y2)
+            d_sum, d_sq, d_n = d_sum + rerun * (y1 - y2), d_sq + rerun * (y1 - y2) ** 2, d_n + rerun
         true, min_kept = np.where(kept, value, true), np.where(kept, np.minimum(min_kept, y), min_kept)
         seen += w
         prior = (f["prior_weight"] * default + seen) / (f["prior_weight"] + e + 1)
