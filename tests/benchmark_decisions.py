@@ -234,14 +234,13 @@ def simulate_filter(scenario, d):
     base = np.stack([run_value(scenario, d, 0.0, d["base"][:, s], s) for s in range(N_SEEDS)], 1)
     ss, dof = ((base - base.mean(1, keepdims=True)) ** 2).sum(1), np.full(nights, N_SEEDS - 1.0)
     mu, v = base.mean(1), ss / dof / N_SEEDS
-    pm, pc = base[:, :2].copy(), None  # the paired filter: the best under seeds 42 and 43
+    pm, pc = base[:, :2].copy(), np.eye(2) * (ss / dof)[:, None, None]  # the paired filter: the best under 42, 43
     d_sum, d_sq, d_n = base[:, 0] - base[:, 1], (base[:, 0] - base[:, 1]) ** 2, np.ones(nights)  # seed-for-seed
     min_kept = mu.copy()  # the best kept mean of its runs, as results.tsv claims it
     keep, runs, true = np.zeros((nights, experiments), bool), np.zeros((nights, experiments)), np.zeros(nights)
     for e in range(experiments):
         value, s2, p_dof = true - d["effect"][:, e] * FLOOR, ss / dof, d_n - 1
         tau2 = np.where(p_dof >= 1, (d_sq - d_sum ** 2 / d_n) / np.maximum(p_dof, 1) / 2, s2)
-        pc = np.eye(2) * tau2[:, None, None] if pc is None else pc
         y1 = run_value(scenario, d, value, d["run"][:, e, 0], 0)
         y2 = run_value(scenario, d, value, d["run"][:, e, 1], 1)
         se, se_p = np.sqrt(s2 + v), np.sqrt(tau2 + pc[:, 0, 0])
@@ -350,6 +349,7 @@ def main():
     args = parser.parse_args()
     t0 = time.time()
     results, checked, disagree = {}, 0, []
+    alternative = args.known_noise or args.known_best or args.filter  # not analysis.judge's rule: nothing to replay
     for s, scenario in enumerate(SCENARIOS):
         d = draws(scenario, args.nights, args.experiments, np.random.default_rng([args.seed, s]))
         for rule in analysis.RULES:
@@ -358,8 +358,7 @@ def main():
             else:
                 r = simulate(rule, scenario, d, args.known_noise, args.known_best)
             results[scenario, rule] = metrics(scenario, r, d)
-            alt = args.known_noise or args.known_best or args.filter
-            for night in range(0 if alt else min(args.check, args.nights)):
+            for night in range(0 if alternative else min(args.check, args.nights)):
                 got = replay(rule, scenario, d, night)
                 want = list(zip(r["keep"][night], r["runs"][night].astype(int)))
                 checked += len(got)
@@ -372,7 +371,7 @@ def main():
           f"{time.time() - t0:.0f} s\n")
     if args.filter:
         print(f"noise rule: the candidate rule of simulate_filter, not analysis.judge's: {FILTER}\n")
-    elif not (args.known_noise or args.known_best):
+    elif not alternative:
         print(f"analysis.judge replayed {checked} experiments ({args.check} nights per scenario and rule): "
               + ("every decision agrees with the vectorised copy" if not disagree else
                  f"{len(disagree)} DISAGREE, first {disagree[:3]}") + "\n")
