@@ -15,12 +15,15 @@ The rule (docs/judging.md has the statistics and the benchmark behind the consta
   ran under two or more seeds, with its degrees of freedom; the noise floor is sqrt(2) * sigma, how far changing only
   the seed moves val_bpb between two runs. Every bar below is a normal quantile turned into the Student-t quantile of
   the same tail probability at the degrees of freedom measured so far, so a noise measured on 3 dof is treated as such.
-- A candidate is compared with the best kept commit: z = (best - candidate) / standard error, each side the mean over
-  its seeds (error sigma * sqrt(1/n_candidate + 1/n_best)); or seed for seed, when the best ran under every seed of the
-  candidate, the spread of seed-for-seed differences is measured (PAIRED_MIN_DOF) and it gives the tighter test.
-- One run: z >= KEEP_ONE keeps (once seed-for-seed differences are measured on ONE_RUN_KEEP_DOF dof; until then a
-  promising run is rerun), z <= DISCARD_ONE discards, anything between is rerun once under the next seed. Two runs:
-  z >= KEEP_TWO keeps, anything less discards. A kept commit is not rerun.
+- The best is not the mean of its own runs (a commit kept on a lucky run would carry that luck) but an estimate of
+  its true value, a normal carried through the night (track): a kept commit is its parent minus the effect its runs
+  suggest, every discarded commit's runs inform its parent, under a prior over effects learned through the night.
+- A candidate is compared with that estimate: z = (best - candidate) / sqrt(sigma^2 / n_candidate + the best's
+  variance); or seed for seed, when the candidate starts from the baseline's initial weights (equal
+  init_fingerprint), the run spread seed for seed is measured (PAIRED_MIN_DOF) and it gives the tighter test.
+- One run: z >= KEEP_ONE keeps (once sigma has ONE_RUN_KEEP_DOF dof; until then a promising run is rerun),
+  z <= DISCARD_ONE discards, anything between is rerun once under the next seed. Two runs: z >= KEEP_TWO keeps,
+  anything less discards. A kept commit is not rerun.
 - Runs that differ from the best in device, attention kernel, time budget or evaluation tokens are refused. A run whose
   num_steps is more than STEP_TOLERANCE off the median of its commit's runs (3 or more) is left out, and named.
 - The night's gain is confirmed under CONFIRM_SEEDS, seeds no decision used: confirmation rows change no status.
@@ -55,13 +58,19 @@ RULES = ("noise", "plain")
 BASELINE_SEEDS = (42, 43, 44, 45)  # the baseline runs under each before any idea is judged (3 dof of noise)
 SEEDS = (42, 43)                   # a candidate's first run, and its one rerun when the verdict asks for it
 CONFIRM_SEEDS = (1001, 1002)  # the morning's confirmation of baseline and best: seeds no decision used
-# The bars, as normal quantiles (each is used as the t quantile of the same tail probability). Tuned for true
-# progress per run with tests/benchmark_decisions.py --seed 1; its default draws (--seed 0) report them.
-KEEP_ONE = 1.7          # z that keeps after one run
-DISCARD_ONE = 1.2       # z at or below which one run discards
+# The bars, as normal quantiles (each is used as the t quantile of the same tail probability), and the prior over
+# effects. Tuned for true progress per run with tests/benchmark_decisions.py --seed 1; its default draws (--seed 0)
+# report them.
+KEEP_ONE = 1.8          # z that keeps after one run
+DISCARD_ONE = 1.3       # z at or below which one run discards
 KEEP_TWO = 1.6          # z that keeps after two runs
-ONE_RUN_KEEP_DOF = 4    # seed-for-seed degrees of freedom measured before anything is kept on one run
-PAIRED_MIN_DOF = 2      # seed-for-seed degrees of freedom before a comparison may use them
+ONE_RUN_KEEP_DOF = 5    # dof of sigma before anything is kept on one run: the baseline's 3 and two reruns
+PAIRED_MIN_DOF = 2      # dof of the seed-for-seed run spread before a comparison may use it
+EFFECTS = [i / 2 for i in range(-40, 41)]  # the effects the prior lives on: -20 to +20 sigma, by 0.5
+PRIOR_ZERO = 0.3        # the share of ideas the prior expects to do nothing, before the night teaches it
+PRIOR_WIDTH = 3.0       # the width, in sigma, of the normal the other ideas' effects are drawn from...
+PRIOR_FLAT = 0.6        # ...mixed with this share of a flat prior over EFFECTS, for the rare large effect
+PRIOR_WEIGHT = 10       # the default prior counts as this many experiments; the night's own take over from it
 STEP_TOLERANCE = 0.05   # a run more than 5% off its commit's median num_steps is left out (a cold or busy machine)
 
 # -----------------------------------------------------------------------------
@@ -313,6 +322,150 @@ def compare(cand, best, nz):
 
 
 # -----------------------------------------------------------------------------
+# The best's value, estimated through the night
+#
+# A kept commit's runs are not its value: it was kept because they came out low (the winner's curse), and after one
+# run every later candidate would be held to that luck. So the judge carries an estimate of the best's true value, a
+# normal (mu, v), from the baseline's runs on. Each commit's effect g on the commit it was built on gets a posterior
+# over EFFECTS (in units of sigma) under a prior learned through the night; a kept commit's value is its parent's
+# minus g, and a discarded commit's runs, which measure the parent plus g, sharpen the parent's value. Where commits
+# start from the baseline's initial weights, a second estimate follows the best under each of SEEDS (a seed's initial
+# weights move every run under it alike, so seed for seed the comparison is tighter): a 2-d Kalman step per g.
+
+
+def _default_prior():
+    """PRIOR_ZERO of the ideas do nothing; the rest are a normal of width PRIOR_WIDTH sigma mixed with a flat part."""
+    normal = [math.exp(-0.5 * (g / PRIOR_WIDTH) ** 2) for g in EFFECTS]
+    return [PRIOR_ZERO * (g == 0) + (1 - PRIOR_ZERO) * ((1 - PRIOR_FLAT) * w / sum(normal) + PRIOR_FLAT / len(EFFECTS))
+            for g, w in zip(EFFECTS, normal)]
+
+
+def _posterior(prior, log_lik):
+    top = max(log_lik)
+    w = [p * math.exp(ll - top) for p, ll in zip(prior, log_lik)]
+    total = sum(w)
+    return [x / total for x in w]
+
+
+def _paired_step(m, c, tau2, gs, prior, ys, kept):
+    """The best's value under SEEDS, m (2) with covariance c (2x2), after a commit's runs ys {index in SEEDS: val_bpb},
+    each a run spread sqrt(tau2) around its seed's value plus the commit's effect. A Kalman step for each effect g,
+    mixed over the posterior of g and matched back to one normal."""
+    obs = sorted(ys)
+    s = [[c[i][j] + tau2 * (i == j) for j in obs] for i in obs]
+    if len(obs) == 1:
+        s_inv = [[1 / s[0][0]]]
+    else:
+        det = s[0][0] * s[1][1] - s[0][1] * s[1][0]
+        s_inv = [[s[1][1] / det, -s[0][1] / det], [-s[1][0] / det, s[0][0] / det]]
+    k = [[sum(c[r][obs[a]] * s_inv[a][b] for a in range(len(obs))) for b in range(len(obs))] for r in range(2)]
+    c_new = [[c[r][q] - sum(k[r][b] * c[obs[b]][q] for b in range(len(obs))) for q in range(2)] for r in range(2)]
+    means, log_lik = [], []
+    for g in gs:
+        innovation = [ys[i] + g - m[i] for i in obs]
+        log_lik.append(-0.5 * sum(innovation[a] * s_inv[a][b] * innovation[b]
+                                  for a in range(len(obs)) for b in range(len(obs))))
+        new = [m[r] + sum(k[r][b] * innovation[b] for b in range(len(obs))) for r in range(2)]
+        means.append([x - g for x in new] if kept else new)
+    w = _posterior(prior, log_lik)
+    mean = [sum(wi * x[r] for wi, x in zip(w, means)) for r in range(2)]
+    cov = [[c_new[r][q] + sum(wi * (x[r] - mean[r]) * (x[q] - mean[q]) for wi, x in zip(w, means)) for q in range(2)]
+           for r in range(2)]
+    return mean, cov
+
+
+def track(values, kept, fingerprints, exclude=None):
+    """The night up to `exclude` (the commit being judged), commit by commit in order, the first the baseline.
+
+    values {commit: {seed: val_bpb}}, kept (the commits marked keep), fingerprints {(commit, seed): init_fingerprint}.
+    Returns None when the baseline has fewer than two seeds, else a dict: best (the last kept commit), mu and v (its
+    estimated value and variance), sigma and dof (pooled over the commits with two or more seeds, as of `exclude`),
+    experiments (how many commits taught the prior), prior, and paired: None, or the best's value under SEEDS (m, c),
+    the run spread tau2 seed for seed and its dof, for the commits that start from the baseline's initial weights (a
+    kept commit from other weights ends it)."""
+    commits = list(values)
+    base = values[commits[0]]
+    if len(base) < 2:
+        return None
+    ss = sum((x - _mean(base.values())) ** 2 for x in base.values())
+    dof = len(base) - 1
+    default = _default_prior()
+    t = {"best": commits[0], "mu": _mean(base.values()), "v": ss / dof / len(base), "sigma": math.sqrt(ss / dof),
+         "dof": dof, "experiments": 0, "prior": default, "paired": None}
+    family = {s: fingerprints.get((commits[0], s)) for s in SEEDS}
+    diffs = []  # SEEDS[0] - SEEDS[1] of each commit of the family that ran under both: the run spread seed for seed
+    if all(s in base for s in SEEDS) and all(family.values()):
+        diffs.append(base[SEEDS[0]] - base[SEEDS[1]])
+        t["paired"] = {"m": [base[s] for s in SEEDS], "c": [[ss / dof, 0.0], [0.0, ss / dof]], "family": family}
+    seen = [0.0] * len(EFFECTS)
+    for commit in commits[1:]:
+        _paired_spread(t, diffs)
+        if commit == exclude:
+            break
+        runs, s2 = values[commit], t["sigma"] ** 2
+        n, y, gs = len(runs), _mean(runs.values()), [e * t["sigma"] for e in EFFECTS]
+        is_kept = commit in kept
+        w = _posterior(t["prior"], [-0.5 * (t["mu"] - y - g) ** 2 / (s2 / n + t["v"]) for g in gs])
+        precision = 1 / t["v"] + n / s2
+        parents = [(t["mu"] / t["v"] + (y + g) * n / s2) / precision for g in gs]
+        new = [p - g for p, g in zip(parents, gs)] if is_kept else parents
+        t["mu"] = sum(wi * x for wi, x in zip(w, new))
+        t["v"] = 1 / precision + sum(wi * (x - t["mu"]) ** 2 for wi, x in zip(w, new))
+        p = t["paired"]
+        if p and all(fingerprints.get((commit, s)) == p["family"][s] for s in runs if s in SEEDS):
+            ys = {i: runs[s] for i, s in enumerate(SEEDS) if s in runs}
+            if ys:
+                p["m"], p["c"] = _paired_step(p["m"], p["c"], p["tau2"], gs, t["prior"], ys, is_kept)
+            if len(ys) == 2:
+                diffs.append(runs[SEEDS[0]] - runs[SEEDS[1]])
+        elif p and is_kept:
+            t["paired"] = None  # the best starts from other initial weights now: nothing is seed for seed with it
+        seen = [a + b for a, b in zip(seen, w)]
+        t["experiments"] += 1
+        t["prior"] = [(PRIOR_WEIGHT * d + s) / (PRIOR_WEIGHT + t["experiments"]) for d, s in zip(default, seen)]
+        if n >= 2:
+            ss += sum((x - y) ** 2 for x in runs.values())
+            dof += n - 1
+            t["sigma"], t["dof"] = math.sqrt(ss / dof), dof
+        t["best"] = commit if is_kept else t["best"]
+    else:
+        _paired_spread(t, diffs)
+    return t
+
+
+def _paired_spread(t, diffs):
+    """tau2, one run's spread around its seed's value, from the differences between the two seeds within each commit
+    (the initial weights' part is the same in all of them, so it drops out of their variance); sigma^2 until measured.
+    Never below a millionth of sigma^2: identical differences (edits that change nothing, on a deterministic CPU)
+    would leave the best's covariance singular."""
+    if t["paired"]:
+        dof = len(diffs) - 1
+        var = sum((d - _mean(diffs)) ** 2 for d in diffs) / dof / 2 if dof else t["sigma"] ** 2
+        t["paired"].update(tau2=max(var, 1e-6 * t["sigma"] ** 2), dof=dof)
+
+
+def compare_tracked(cand, t, same_init):
+    """The candidate's runs {seed: val_bpb} against the tracked best: unpaired (error sqrt(sigma^2/n + v)), or seed for
+    seed when it started from the baseline's initial weights, ran only under SEEDS, the run spread has PAIRED_MIN_DOF
+    and that gives the smaller 95% bar. Returns diff (> 0: the candidate is better), se, dof, z, paired, shown."""
+    n, y = len(cand), _mean(cand.values())
+    se = math.sqrt(t["sigma"] ** 2 / n + t["v"])
+    out = {"diff": t["mu"] - y, "se": se, "dof": t["dof"], "paired": False, "shown": t["mu"],
+           "shown_sd": math.sqrt(t["v"])}
+    p = t["paired"]
+    if same_init and p and p["dof"] >= PAIRED_MIN_DOF and set(cand) <= set(SEEDS):
+        obs = [i for i, s in enumerate(SEEDS) if s in cand]
+        var_best = sum(p["c"][i][j] for i in obs for j in obs) / n ** 2
+        se_p = math.sqrt(var_best + p["tau2"] / n)
+        if se_p * t_ppf(0.95, p["dof"]) < se * t_ppf(0.95, max(t["dof"], 1)):
+            shown = _mean(p["m"][i] for i in obs)
+            out = {"diff": shown - y, "se": se_p, "dof": p["dof"], "paired": True, "shown": shown,
+                   "shown_sd": math.sqrt(var_best)}
+    out["z"] = out["diff"] / out["se"]
+    return out
+
+
+# -----------------------------------------------------------------------------
 # Judging one commit
 
 
@@ -397,14 +550,16 @@ def judge(df, commit=None, rule="noise"):
 
     values, best_before, left_out, fingerprints = evidence(df, like)
     nz = noise(values, best_before, exclude=commit, fingerprints=fingerprints)
-    if nz["sigma"] is None:
-        return _verdict("refused", status, f"refused: no noise measured yet; rerun the baseline "
-                                           f"{df['commit'].iloc[0]} under seeds {', '.join(map(str, BASELINE_SEEDS))} "
-                                           "first")
     if nz["sigma"] == 0:  # a z over a zero error would be infinite: say what is wrong instead
         return _verdict("refused", status, "refused: every commit's runs under different seeds scored exactly the same,"
                                            " so the seed does not reach the initial weights (check AUTORESEARCH_SEED "
                                            "and SEED in train.py); nothing can be judged")
+    kept = set(_results(df).loc[lambda r: r["status"] == "keep", "commit"])
+    t = track(values, kept, fingerprints, exclude=commit) if values else None
+    if t is None:
+        return _verdict("refused", status, f"refused: no noise measured yet; rerun the baseline "
+                                           f"{df['commit'].iloc[0]} under seeds {', '.join(map(str, BASELINE_SEEDS))} "
+                                           "first")
     cand, best = values.get(commit, {}), values[best_commit]
     notes = [left_out[r] for r in mine["line"] if r in left_out]
     steps = [int(s) for s in _results(mine)["num_steps"] if s is not None]
@@ -413,13 +568,13 @@ def judge(df, commit=None, rule="noise"):
     if not cand:
         return _verdict("rerun", status, f"rerun with seed {seed}: every run of {commit} was left out; "
                                          + "; ".join(notes), seed=seed, evidence_lines=notes)
-    kind = init_kind(fingerprints, commit, best_commit, cand)
-    nz = with_pool(nz, kind)
-    c = compare(cand, best, nz)
+    p = t["paired"]
+    same_init = bool(p) and all(fingerprints.get((commit, s)) == p["family"].get(s) for s in cand)
+    c = compare_tracked(cand, t, same_init)
     z, dof = c["z"], c["dof"]
     next_seed = next((s for s in SEEDS if s not in cand), None)
     keep_one, discard_one, keep_two = bar(KEEP_ONE, dof), bar(DISCARD_ONE, dof), bar(KEEP_TWO, dof)
-    one_run_ok = nz["dof_paired"] >= ONE_RUN_KEEP_DOF
+    one_run_ok = t["dof"] >= ONE_RUN_KEEP_DOF
     if status == "keep":  # kept already (by hand, with mark): it stays kept
         verdict, action, bars = "keep", "keep", "kept by hand"
     elif len(cand) == 1 and next_seed is not None:
@@ -430,37 +585,44 @@ def judge(df, commit=None, rule="noise"):
             verdict, action = "discard", "discard"
         else:
             verdict, action = "rerun", f"rerun with seed {next_seed}: " + (
-                "undecided" if z < keep_one else f"promising, but nothing is kept on one run before {ONE_RUN_KEEP_DOF} "
-                                                 f"dof of seed-for-seed noise ({nz['dof_paired']} so far)")
+                "undecided" if z < keep_one else f"promising, but nothing is kept on one run before sigma has "
+                                                 f"{ONE_RUN_KEEP_DOF} dof ({t['dof']} so far)")
     else:
         bars = f"{_plural(len(cand), 'run')}: keep at z >= {keep_two:.2f}"
         verdict = action = "keep" if z >= keep_two else "discard"
     status = "keep" if verdict == "keep" else "discard"
-    floors = abs(c["diff"]) / nz["floor"]
-    shown = (f"{c['shown']:.6f} (seed{'s' * (len(cand) > 1)} {', '.join(map(str, cand))}, seed for seed)" if c["paired"]
-             else f"{c['shown']:.6f} ({_plural(len(best), 'seed')})")
-    error = (f"seed for seed, spread {nz['paired_spread']:.6f}" if c["paired"] else f"unpaired, sigma {nz['sigma']:.6f}")
-    kind_text = "from the same initial weights" if kind == "same_init" else "from other initial weights"
+    floor = math.sqrt(2) * t["sigma"]
+    seeds_text = f"seed{'s' * (len(cand) > 1)} {', '.join(map(str, cand))}"
+    shown = (f"{c['shown']:.6f} (estimated under {seeds_text}, sd {c['shown_sd']:.6f}, seed for seed)" if c["paired"]
+             else f"{c['shown']:.6f} (estimated, sd {c['shown_sd']:.6f})")
+    error = (f"seed for seed, run spread {math.sqrt(p['tau2']):.6f}" if c["paired"] else f"sigma {t['sigma']:.6f}")
     line = (f"{action}: {commit} {_mean(cand.values()):.6f} ({_plural(len(cand), 'seed')}) vs best {best_commit} "
             f"{shown}: {'better' if c['diff'] > 0 else 'worse' if c['diff'] < 0 else 'equal'} by {abs(c['diff']):.6f}"
-            f" = {floors:.1f} noise floors, z {z:+.2f} ({bars}; {error}, {dof} dof)" + "".join(f"; {n}" for n in notes))
-    ev = [f"candidate {commit}: seed {_seeds_text(cand)}",
+            f" = {abs(c['diff']) / floor:.1f} noise floors, z {z:+.2f} ({bars}; {error}, {dof} dof)"
+            + "".join(f"; {n}" for n in notes))
+    kind_text = "from the baseline's initial weights" if same_init else "from other initial weights"
+    ev = [f"candidate {commit} ({kind_text}): seed {_seeds_text(cand)}",
           f"best {best_commit}: seed {_seeds_text(best)} (mean {_mean(best.values()):.6f})",
-          f"error: {c['se']:.6f} = " + (f"the seed-for-seed spread {nz['paired_spread']:.6f} / sqrt({len(cand)}), measured on "
-                                        f"{_plural(nz['pairs'], 'commit')} {kind_text} against their best, "
-                                        f"{nz['dof_paired']} dof"
+          f"best estimated from {_plural(t['experiments'] + 1, 'commit')} (a kept commit's runs carry its luck; every "
+          f"commit's runs inform it): {t['mu']:.6f}, sd {math.sqrt(t['v']):.6f}" +
+          (f"; seed for seed, under {_seeds_text(dict(zip(SEEDS, p['m'])))}" if p else ""),
+          f"error: {c['se']:.6f} = " + (f"sqrt(the best's sd under {seeds_text} {c['shown_sd']:.6f}^2 + run spread "
+                                        f"{math.sqrt(p['tau2']):.6f}^2 / {len(cand)}); the run spread from each "
+                                        f"commit's seed-{SEEDS[0]}-minus-{SEEDS[1]} difference, {p['dof']} dof"
                                         if c["paired"] else
-                                        f"sigma {nz['sigma']:.6f} * sqrt(1/{len(cand)} + 1/{len(best)}); sigma pooled "
-                                        f"over {_plural(nz['commits'], 'commit')} with two or more seeds, {nz['dof']} "
-                                        "dof"),
-          f"noise floor {nz['floor']:.6f} (sqrt(2) * sigma); seed-for-seed spread {kind_text} " +
-          (f"{nz['paired_spread']:.6f} on {nz['dof_paired']} dof" if nz["paired_spread"] else "not measured yet") +
-          ("" if c["paired"] else f" (used once it has {PAIRED_MIN_DOF} dof and gives the tighter test)"),
+                                        f"sqrt(sigma {t['sigma']:.6f}^2 / {len(cand)} + the best's sd "
+                                        f"{math.sqrt(t['v']):.6f}^2); sigma pooled over the commits with two or more "
+                                        f"seeds, {t['dof']} dof"),
+          f"noise floor {floor:.6f} (sqrt(2) * sigma); seed for seed: " +
+          ("not for this candidate (" + ("it starts from other initial weights" if p else
+                                         "the best starts from other initial weights than the baseline") + ")"
+           if not same_init else f"run spread {math.sqrt(p['tau2']):.6f} on {p['dof']} dof" +
+           ("" if c["paired"] else f" (used once it has {PAIRED_MIN_DOF} dof and gives the tighter test)")),
           f"bars at {dof} dof (normal {KEEP_ONE}, {DISCARD_ONE}, {KEEP_TWO} as t quantiles): one run keep z >= "
-          f"{keep_one:.2f}" + ("" if one_run_ok else f" (once {ONE_RUN_KEEP_DOF} dof seed for seed)") +
+          f"{keep_one:.2f}" + ("" if one_run_ok else f" (once sigma has {ONE_RUN_KEEP_DOF} dof)") +
           f", discard z <= {discard_one:.2f}; two runs keep z >= {keep_two:.2f}"] + notes
     return _verdict(verdict, status, line, seed=next_seed if verdict == "rerun" else None, evidence_lines=ev,
-                    best_commit=best_commit, **dict(nz, **c))
+                    best_commit=best_commit, shares_init=same_init, tracked=t, **dict(nz, **c))
 
 
 # -----------------------------------------------------------------------------

@@ -3,7 +3,6 @@ Decision quality of the keep/discard judgement: thousands of simulated nights wi
 the noise-aware rule of analysis.py and by the reference's plain rule on the same draws, in seven scenarios.
 
 Usage: uv run python tests/benchmark_decisions.py [--nights 4000] [--experiments 100] [--seed 0] [--check 3]
-       [--known-noise] [--known-best] [--filter]
 
 A night is a baseline and then `--experiments` ideas, each a commit on top of the best kept so far, whose true effect
 on val_bpb is drawn from a mix, in noise floors of gain (the floor is sqrt(2) * sigma, how far a seed change alone
@@ -26,8 +25,6 @@ deviation sigma. The scenarios:
 The noise rule is simulated by a vectorised copy of analysis.judge, over all nights at once; `--check` nights of
 every scenario are also replayed through analysis.judge itself, run by run on the same draws, and must agree with
 the copy decision for decision. The rule's constants were tuned with --seed 1 and are reported on --seed 0.
-
-`--filter` simulates a candidate rule that is not in analysis.judge (see simulate_filter), for the next step.
 """
 
 import argparse
@@ -87,103 +84,28 @@ def t95(dof):
     return np.vectorize(lambda k: analysis.t_ppf(0.95, k), otypes=[float])(np.maximum(np.asarray(dof).astype(int), 1))
 
 
-def nanmean(x):
-    """The mean over the last axis, NaN left out (0 where everything is NaN, without a warning)."""
-    n = (~np.isnan(x)).sum(-1)
-    return np.nansum(x, -1) / np.maximum(n, 1)
-
-
 # -----------------------------------------------------------------------------
-# The vectorised judge
+# The plain rule, and the vectorised judge
 
 
-def simulate(rule, scenario, d, known_noise=False, known_best=False):
-    """Every night of `d` under `rule`. With `known_noise`, the noise rule is handed sigma and the seed-for-seed
-    spread exactly, as if measured on endless degrees of freedom: what measuring them costs. With `known_best`, it
-    compares each candidate with the best's true value instead of the best's runs: what measuring the best costs,
-    its winner's curse included (a commit kept on one lucky run is the bar for every commit after it). Returns
-    per-experiment keep (bool) and runs, and per night the true gain, the gain results.tsv claims (baseline mean -
-    best kept mean, as analysis.summarize reports it) and the runs."""
+def simulate_plain(scenario, d):
+    """Every night of `d` under the reference's rule: one run under seed 42 each, kept when strictly lower than the
+    best kept so far. Returns per-experiment keep (bool) and runs, and per night the true gain, the gain results.tsv
+    claims (baseline - best kept, as analysis.summarize reports it) and the runs."""
     nights, experiments = d["effect"].shape
-    every = np.arange(nights)
-    keep = np.zeros((nights, experiments), bool)
-    runs = np.zeros((nights, experiments))
-    true = np.zeros(nights)
-    if rule == "plain":  # one run under seed 42 each; keep when strictly lower than the best kept so far
-        best = run_value(scenario, d, 0.0, d["base"][:, 0], 0)
-        base = best.copy()
-        for e in range(experiments):
-            value = true - d["effect"][:, e] * FLOOR
-            y = run_value(scenario, d, value, d["run"][:, e, 0], 0)
-            keep[:, e] = y < best
-            best, true = np.where(keep[:, e], y, best), np.where(keep[:, e], value, true)
-            runs[:, e] = 1
-        return {"keep": keep, "runs": runs, "true": -true / FLOOR, "claimed": (base - best) / FLOOR,
-                "total_runs": runs.sum(1) + 1}
-    best = np.stack([run_value(scenario, d, 0.0, d["base"][:, s], s) for s in range(N_SEEDS)], 1)  # (nights, seed)
-    base_mean, min_kept = best.mean(1), best.mean(1)
-    ss, dof = ((best - base_mean[:, None]) ** 2).sum(1), np.full(nights, N_SEEDS - 1.0)
-    ss_p, dof_p = np.zeros(nights), np.zeros(nights)
+    keep, runs, true = np.zeros((nights, experiments), bool), np.ones((nights, experiments)), np.zeros(nights)
+    best = run_value(scenario, d, 0.0, d["base"][:, 0], 0)
+    base = best.copy()
     for e in range(experiments):
         value = true - d["effect"][:, e] * FLOOR
-        cand = np.full((nights, N_SEEDS), np.nan)
-        open_ = np.ones(nights, bool)
-        for stage in (0, 1):
-            i = np.where(open_)[0]
-            if not len(i):
-                break
-            cand[i, stage] = run_value(scenario, d, value[i], d["run"][i, e, stage], stage, i)
-            runs[i, e] += 1
-            c, b = cand[i], best[i]
-            n_c, n_b = stage + 1, (~np.isnan(b)).sum(1)
-            sigma, spread = np.sqrt(ss[i] / dof[i]), np.sqrt(ss_p[i] / np.maximum(dof_p[i], 1))
-            dof_i, dof_p_i = dof[i], dof_p[i]
-            if known_noise:
-                _, _, shared, rho, s = SCENARIOS[scenario]
-                sigma, spread = np.full(len(i), s), np.full(len(i), s * math.sqrt(2 * (1 - rho) if shared else 2))
-                dof_i = dof_p_i = np.full(len(i), 1000.0)
-            diff, se, k = nanmean(b) - nanmean(c), sigma * np.sqrt(1 / n_c + 1 / n_b), dof_i.copy()
-            # seed for seed: every candidate seed ran on the best, the spread measured and the tighter 95% bar
-            both = ~np.isnan(c) & ~np.isnan(b)
-            se_p = spread / np.sqrt(n_c)
-            ok = (both.sum(1) == n_c) & (dof_p_i >= analysis.PAIRED_MIN_DOF) & (spread > 0)
-            tighter = ok & (se_p * t95(dof_p_i) < se * t95(k))
-            d_p = nanmean(np.where(both, b - c, np.nan))
-            diff, se, k = np.where(tighter, d_p, diff), np.where(tighter, se_p, se), np.where(tighter, dof_p_i, k)
-            if known_best:
-                diff, se, k = true[i] - nanmean(c), sigma / np.sqrt(n_c), dof_i
-            z = diff / se
-            if stage == 0:
-                kept = (z >= bars(analysis.KEEP_ONE, k)) & (dof_p_i >= analysis.ONE_RUN_KEEP_DOF)
-                decided = kept | (z <= bars(analysis.DISCARD_ONE, k))
-            else:
-                kept = z >= bars(analysis.KEEP_TWO, k)
-                decided = np.ones(len(i), bool)
-            keep[i[kept], e] = True
-            open_[i[decided]] = False
-        # what this commit adds to the noise the next ones are judged with
-        n = (~np.isnan(cand)).sum(1)
-        two = n >= 2
-        ss += np.where(two, np.nansum((cand - nanmean(cand)[:, None]) ** 2, 1), 0)
-        dof += np.where(two, n - 1, 0)
-        dd = best - cand  # NaN where either did not run under that seed
-        paired = two & ((~np.isnan(dd)).sum(1) == n) & (np.nansum(np.abs(dd), 1) > 0)
-        ss_p += np.where(paired, np.nansum((dd - nanmean(dd)[:, None]) ** 2, 1), 0)
-        dof_p += np.where(paired, n - 1, 0)
-        k = keep[:, e]
-        best = np.where(k[:, None], cand, best)
-        true = np.where(k, value, true)
-        min_kept = np.where(k, np.minimum(min_kept, nanmean(cand)), min_kept)
-    return {"keep": keep, "runs": runs, "true": -true / FLOOR, "claimed": (base_mean - min_kept) / FLOOR,
-            "total_runs": runs.sum(1) + N_SEEDS}
+        y = run_value(scenario, d, value, d["run"][:, e, 0], 0)
+        keep[:, e] = y < best
+        best, true = np.where(keep[:, e], y, best), np.where(keep[:, e], value, true)
+    return {"keep": keep, "runs": runs, "true": -true / FLOOR, "claimed": (base - best) / FLOOR,
+            "total_runs": runs.sum(1) + 1}
 
 
-# -----------------------------------------------------------------------------
-# A candidate rule, simulated only: the best's value tracked by a filter
-
-FILTER = {"keep_one": 1.8, "discard_one": 1.3, "keep_two": 1.6, "reruns_before_one_run_keeps": 2,
-          "prior_zero": 0.3, "prior_width": 3.0, "prior_flat": 0.6, "prior_weight": 10.0}  # tuned on --seed 1
-EFFECTS = np.arange(-20, 20.01, 0.5)  # the grid of gains the filter's prior lives on, in units of sigma
+EFFECTS = np.array(analysis.EFFECTS)
 
 
 def posterior(prior, log_lik):
@@ -192,9 +114,10 @@ def posterior(prior, log_lik):
 
 
 def paired_update(prior, m, c, tau2, g, kept, rerun, y1, y2):
-    """The paired filter's step: m (nights, 2) and c (nights, 2, 2), the best's value under seeds 42 and 43, updated
-    by a commit's runs (seed 42, and seed 43 where it was rerun), each with spread sqrt(tau2) around its seed's value.
-    Given the effect g the update is a Kalman step; over g it is a mixture, moment-matched back to a normal."""
+    """analysis._paired_step for every night: m (nights, 2) and c (nights, 2, 2), the best's value under seeds 42 and
+    43, updated by a commit's runs (seed 42, and seed 43 where it was rerun), each with spread sqrt(tau2) around its
+    seed's value. Given the effect g the update is a Kalman step; over g it is a mixture, moment-matched back to a
+    normal."""
     out = []
     for h, y in ((np.array([[1.0, 0.0]]), y1[:, None]), (np.eye(2), np.stack([y1, y2], 1))):
         S = np.einsum("ij,njk,lk->nil", h, c, h) + tau2[:, None, None] * np.eye(len(h))
@@ -213,23 +136,20 @@ def paired_update(prior, m, c, tau2, g, kept, rerun, y1, y2):
     return m, np.where(rerun[:, None, None], c2, c1) + np.einsum("ng,ngi,ngj->nij", w, dev, dev)
 
 
-def simulate_filter(scenario, d):
-    """The judge's z rule (t bars, one rerun under a second seed, sigma pooled from the baseline and the reruns)
-    with one change: the best is not the mean of its own runs but an estimate of its true value, a normal (mu, v)
-    carried through the night. A kept commit's value is the parent's minus the posterior mean of its effect; a
-    discarded commit's runs inform the parent's value too. The posterior uses a prior over effects on a grid in
-    units of sigma, learned during the night (prior_weight pseudo-experiments of a default: prior_zero at no
-    effect, the rest a normal of width prior_width sigma mixed with a flat part), and every posterior is moment-
-    matched back to a normal. This removes the winner's curse of a commit kept on one lucky run.
+def simulate_noise(scenario, d):
+    """analysis.judge for every night of `d` at once (analysis.track and analysis.compare_tracked, vectorised): the
+    z rule with t bars and one rerun under a second seed, sigma pooled from the baseline and the reruns, against an
+    estimate of the best's true value, a normal (mu, v) carried through the night. A kept commit's value is the
+    parent's minus the posterior mean of its effect; a discarded commit's runs inform the parent's value too. The
+    posterior uses analysis's prior over effects on a grid in units of sigma, learned during the night, and every
+    posterior is moment-matched back to a normal.
 
     Where commits share initial weights (the same_init scenarios), a second filter carries the best's value under
-    each of the candidates' two seeds (paired_update), with a run's spread around it measured from the seed-for-
-    seed differences of the baseline and of every rerun commit; once those have PAIRED_MIN_DOF, the comparison
-    with the tighter 95% bar decides, as in the judge. Returns what simulate returns."""
-    f, shared, (nights, experiments) = FILTER, SCENARIOS[scenario][2], d["effect"].shape
-    normal = np.exp(-0.5 * (EFFECTS / f["prior_width"]) ** 2)
-    default = np.where(EFFECTS == 0, f["prior_zero"], 0.0) + (1 - f["prior_zero"]) * (
-        (1 - f["prior_flat"]) * normal / normal.sum() + f["prior_flat"] / len(EFFECTS))
+    each of the candidates' two seeds (paired_update), with a run's spread around it measured from the seed-42-minus-
+    43 differences of the baseline and of every rerun commit; once those have PAIRED_MIN_DOF, the comparison with the
+    tighter 95% bar decides. Returns what simulate_plain returns."""
+    shared, (nights, experiments) = SCENARIOS[scenario][2], d["effect"].shape
+    default = np.array(analysis._default_prior())
     prior, seen = np.tile(default, (nights, 1)), np.zeros((nights, len(EFFECTS)))
     base = np.stack([run_value(scenario, d, 0.0, d["base"][:, s], s) for s in range(N_SEEDS)], 1)
     ss, dof = ((base - base.mean(1, keepdims=True)) ** 2).sum(1), np.full(nights, N_SEEDS - 1.0)
@@ -240,19 +160,19 @@ def simulate_filter(scenario, d):
     keep, runs, true = np.zeros((nights, experiments), bool), np.zeros((nights, experiments)), np.zeros(nights)
     for e in range(experiments):
         value, s2, p_dof = true - d["effect"][:, e] * FLOOR, ss / dof, d_n - 1
-        tau2 = np.where(p_dof >= 1, (d_sq - d_sum ** 2 / d_n) / np.maximum(p_dof, 1) / 2, s2)
+        tau2 = np.maximum(np.where(p_dof >= 1, (d_sq - d_sum ** 2 / d_n) / np.maximum(p_dof, 1) / 2, s2), 1e-6 * s2)
         y1 = run_value(scenario, d, value, d["run"][:, e, 0], 0)
         y2 = run_value(scenario, d, value, d["run"][:, e, 1], 1)
-        se, se_p = np.sqrt(s2 + v), np.sqrt(tau2 + pc[:, 0, 0])
-        paired = shared & (p_dof >= analysis.PAIRED_MIN_DOF) & (se_p * t95(p_dof) < se * t95(dof))
-        k = np.where(paired, p_dof, dof)
-        z1 = np.where(paired, (pm[:, 0] - y1) / se_p, (mu - y1) / se)
-        kept = (z1 >= bars(f["keep_one"], k)) & (dof >= N_SEEDS - 1 + f["reruns_before_one_run_keeps"])
-        rerun = ~kept & (z1 > bars(f["discard_one"], k))
+        z, k = [], []
+        for n, y, var_p in ((1, y1, pc[:, 0, 0]), (2, (y1 + y2) / 2, pc.sum((1, 2)) / 4)):  # one run, two runs
+            se, se_p = np.sqrt(s2 / n + v), np.sqrt(var_p + tau2 / n)
+            paired = shared & (p_dof >= analysis.PAIRED_MIN_DOF) & (se_p * t95(p_dof) < se * t95(dof))
+            z.append(np.where(paired, (pm[:, :n].mean(1) - y) / se_p, (mu - y) / se))
+            k.append(np.where(paired, p_dof, dof))
+        kept = (z[0] >= bars(analysis.KEEP_ONE, k[0])) & (dof >= analysis.ONE_RUN_KEEP_DOF)
+        rerun = ~kept & (z[0] > bars(analysis.DISCARD_ONE, k[0]))
+        kept |= rerun & (z[1] >= bars(analysis.KEEP_TWO, k[1]))
         y, n = np.where(rerun, (y1 + y2) / 2, y1), np.where(rerun, 2.0, 1.0)
-        z2 = np.where(paired, (pm.sum(1) / 2 - y) / np.sqrt(pc.sum((1, 2)) / 4 + tau2 / 2),
-                      (mu - y) / np.sqrt(s2 / 2 + v))
-        kept |= rerun & (z2 >= bars(f["keep_two"], k))
         keep[:, e], runs[:, e] = kept, 1 + rerun
         # the posterior over this commit's effect g, and over the parent's value given g (a normal)
         g = EFFECTS[None, :] * np.sqrt(s2)[:, None]
@@ -267,7 +187,7 @@ def simulate_filter(scenario, d):
             d_sum, d_sq, d_n = d_sum + rerun * (y1 - y2), d_sq + rerun * (y1 - y2) ** 2, d_n + rerun
         true, min_kept = np.where(kept, value, true), np.where(kept, np.minimum(min_kept, y), min_kept)
         seen += w
-        prior = (f["prior_weight"] * default + seen) / (f["prior_weight"] + e + 1)
+        prior = (analysis.PRIOR_WEIGHT * default + seen) / (analysis.PRIOR_WEIGHT + e + 1)
         ss, dof = ss + np.where(rerun, (y2 - y1) ** 2 / 2, 0), dof + rerun
     return {"keep": keep, "runs": runs, "true": -true / FLOOR, "claimed": (base.mean(1) - min_kept) / FLOOR,
             "total_runs": runs.sum(1) + N_SEEDS}
@@ -340,25 +260,15 @@ def main():
     parser.add_argument("--experiments", type=int, default=100, help="experiments per night after the baseline")
     parser.add_argument("--seed", type=int, default=0, help="the draws (the constants were tuned on --seed 1)")
     parser.add_argument("--check", type=int, default=3, help="nights per scenario replayed through analysis.judge")
-    parser.add_argument("--known-noise", action="store_true", help="hand the noise rule the true noise (what "
-                                                                   "measuring it costs); no replay")
-    parser.add_argument("--known-best", action="store_true", help="compare with the best's true value instead of "
-                                                                  "its runs (what measuring it costs); no replay")
-    parser.add_argument("--filter", action="store_true", help="simulate the candidate rule of simulate_filter "
-                                                              "instead of analysis.judge's; no replay")
     args = parser.parse_args()
     t0 = time.time()
     results, checked, disagree = {}, 0, []
-    alternative = args.known_noise or args.known_best or args.filter  # not analysis.judge's rule: nothing to replay
     for s, scenario in enumerate(SCENARIOS):
         d = draws(scenario, args.nights, args.experiments, np.random.default_rng([args.seed, s]))
         for rule in analysis.RULES:
-            if args.filter and rule == "noise":
-                r = simulate_filter(scenario, d)
-            else:
-                r = simulate(rule, scenario, d, args.known_noise, args.known_best)
+            r = simulate_noise(scenario, d) if rule == "noise" else simulate_plain(scenario, d)
             results[scenario, rule] = metrics(scenario, r, d)
-            for night in range(0 if alternative else min(args.check, args.nights)):
+            for night in range(min(args.check, args.nights)):
                 got = replay(rule, scenario, d, night)
                 want = list(zip(r["keep"][night], r["runs"][night].astype(int)))
                 checked += len(got)
@@ -367,14 +277,11 @@ def main():
             results[scenario, rule]["ratio"] = results[scenario, rule]["per100"] / results[scenario, "plain"]["per100"]
     print(f"{args.nights} nights x {args.experiments} experiments per scenario (--seed {args.seed}); noise rule: "
           f"baseline under {len(analysis.BASELINE_SEEDS)} seeds, bars {analysis.KEEP_ONE} / {analysis.DISCARD_ONE} / "
-          f"{analysis.KEEP_TWO} as t quantiles, one-run keeps after {analysis.ONE_RUN_KEEP_DOF} seed-for-seed dof; "
-          f"{time.time() - t0:.0f} s\n")
-    if args.filter:
-        print(f"noise rule: the candidate rule of simulate_filter, not analysis.judge's: {FILTER}\n")
-    elif not alternative:
-        print(f"analysis.judge replayed {checked} experiments ({args.check} nights per scenario and rule): "
-              + ("every decision agrees with the vectorised copy" if not disagree else
-                 f"{len(disagree)} DISAGREE, first {disagree[:3]}") + "\n")
+          f"{analysis.KEEP_TWO} as t quantiles, one-run keeps once sigma has {analysis.ONE_RUN_KEEP_DOF} dof, "
+          f"the best estimated through the night; {time.time() - t0:.0f} s\n")
+    print(f"analysis.judge replayed {checked} experiments ({args.check} nights per scenario and rule): "
+          + ("every decision agrees with the vectorised copy" if not disagree else
+             f"{len(disagree)} DISAGREE, first {disagree[:3]}") + "\n")
     print("Gains and harms in noise floors; the small_harm scenario's no-effect row counts the -0.3-floor harms.\n")
     print("| scenario | rule | " + " | ".join(name for name, _, _ in ROWS) + " |")
     print("|---|---|" + "---|" * len(ROWS))

@@ -129,7 +129,7 @@ def bytecode_cache(tmp_path_factory):
         yield
 
 
-_warm = {"lock": threading.Lock(), "server": None, "python": None}
+_warm = {"lock": threading.Lock(), "server": None, "sock": None, "python": None}
 
 
 def python():
@@ -141,15 +141,15 @@ def python():
             sock = Path(tempfile.mkdtemp(prefix="warm")) / "sock"
             server = subprocess.Popen([sys.executable, str(ROOT / "tests" / "warm.py"), "serve", str(sock)],
                                       stdin=subprocess.DEVNULL)
+            _warm["server"], _warm["sock"] = server, sock  # known before it is up: a short session still ends it
+            atexit.register(end_warm_server)
             deadline = time.time() + 120
             while not sock.exists():
                 if server.poll() is not None or time.time() > deadline:
                     server.kill()
                     raise RuntimeError(f"tests/warm.py did not start (exit {server.poll()})")
                 time.sleep(0.05)
-            _warm["server"] = server
             _warm["python"] = [sys.executable, str(ROOT / "tests" / "warm.py"), "run", str(sock)]
-            atexit.register(end_warm_server)
         return list(_warm["python"])
 
 
@@ -158,7 +158,7 @@ def end_warm_server():
     if server is not None and server.poll() is None:
         server.terminate()
         server.wait(timeout=30)
-        shutil.rmtree(Path(_warm["python"][-1]).parent, ignore_errors=True)
+        shutil.rmtree(_warm["sock"].parent, ignore_errors=True)
 
 
 def cold_python():

@@ -389,9 +389,9 @@ def test_notebook_runs_headless(tmp_path, monkeypatch, tsv):
     text = "".join(o.get("text", "") for c in nb.cells if c.cell_type == "code" for o in c.outputs)
     if tsv == REAL_RUN:  # the run behind the committed progress.png
         assert png.read_bytes()[:8] == PNG_MAGIC
-        assert "experiments: 23 (29 runs)" in text and "keep rate: 4.3%" in text
-        assert "noise floor: 0.010938" in text and "improvement:      0.000000 (0.00%, 0.0 noise floors)" in text
-        assert "nothing to confirm: no change was kept" in text
+        assert "experiments: 23 (33 runs)" in text and "keep rate: 17.4%" in text
+        assert "noise floor: 0.024829" in text and "improvement:      0.068835 (3.30%, 2.8 noise floors)" in text
+        assert "0.024934" in text and "-0.001303" in text  # the confirmed gain and its interval's low end
         assert any("image/png" in o.get("data", {}) for c in nb.cells if c.cell_type == "code" for o in c.outputs)
     else:
         assert not png.exists()

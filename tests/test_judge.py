@@ -1,8 +1,8 @@
 """
 The keep/discard judgement (analysis.judge, `analysis.py record`) on small hand-made results.tsv tables, one rule
 per test: the baseline's seeds, Student-t bars at the degrees of freedom measured, one-run and two-run decisions,
-seed-for-seed comparisons, zero spreads, outlying runs, refused comparisons, the morning's confirmation, the hand
-override and many runs recorded at once.
+the best's value estimated through the night, seed-for-seed comparisons, zero spreads, outlying runs, refused
+comparisons, the morning's confirmation, the hand override and many runs recorded at once.
 
 Run: uv run pytest tests/test_judge.py
 """
@@ -58,11 +58,11 @@ def table(runs):
     return analysis.parse_results(text)[0]
 
 
-# four earlier ideas, each run under seeds 42 and 43 and discarded: they measure the seed-for-seed spread against
-# the baseline (differences -0.003/-0.002, -0.001/-0.003, -0.006/-0.004, -0.002/-0.001: 4 dof)
+# four earlier ideas from the baseline's initial weights, each run under seeds 42 and 43 and discarded: with the
+# baseline they measure the run spread seed for seed, from each commit's seed-42-minus-43 difference (4 dof)
 MEASURED = [(f"idea00{i}", v, s) for i, pair in enumerate([(1.003, 1.012), (1.001, 1.013), (1.006, 1.014),
                                                             (1.002, 1.011)]) for v, s in zip(pair, (42, 43))]
-PAIRED = math.sqrt(sum(2 * (d / 2) ** 2 for d in (0.001, 0.002, 0.002, 0.001)) / 4)  # 0.00112
+PAIRED = math.sqrt(statistics.variance([1.000 - 1.010, 1.003 - 1.012, 1.001 - 1.013, 1.006 - 1.014, 1.002 - 1.011]) / 2)
 
 
 def with_status(runs, status):
@@ -93,8 +93,10 @@ def test_the_baseline_runs_under_its_four_seeds_and_measures_the_noise(tmp_path)
 def test_a_clear_loser_is_discarded_after_one_run(tmp_path):
     v = play(tmp_path, BASELINE + [("cand000", 1.004, 42)])  # worse than the baseline's mean
     assert v["verdict"] == "discard" and v["z"] < 0
-    assert v["line"].startswith(f"discard: cand000 1.004000 (1 seed) vs best base000 {MEAN:.6f} (4 seeds): worse by "
-                                "0.001500 = 0.2 noise floors, z -0.21")
+    sd = SIGMA / 2  # the best's value is its four runs' mean so far: sd sigma / sqrt(4)
+    assert v["line"].startswith(f"discard: cand000 1.004000 (1 seed) vs best base000 {MEAN:.6f} (estimated, sd "
+                                f"{sd:.6f}): worse by 0.001500 = 0.2 noise floors, z -0.21")
+    assert v["se"] == pytest.approx(math.sqrt(SIGMA ** 2 + sd ** 2))
 
 
 def test_in_between_is_rerun_once_under_seed_43_then_decided(tmp_path):
@@ -109,36 +111,60 @@ def test_in_between_is_rerun_once_under_seed_43_then_decided(tmp_path):
     assert 0 < v["z"] < analysis.bar(analysis.KEEP_TWO, 3) and (v["verdict"], v["status"]) == ("discard", "discard")
 
 
-def test_nothing_is_kept_on_one_run_until_the_seed_for_seed_noise_is_measured(tmp_path):
+def test_nothing_is_kept_on_one_run_until_sigma_is_measured_past_the_baseline(tmp_path):
     v = play(tmp_path, BASELINE + [("cand000", 0.975, 42)])  # 3 floors better: past the one-run bar...
     assert v["z"] >= analysis.bar(analysis.KEEP_ONE, 3)
-    assert (v["verdict"], v["seed"]) == ("rerun", 43)  # ...but no seed-for-seed dof yet: one more run
-    assert v["line"].startswith("rerun with seed 43: promising, but nothing is kept on one run before 4 dof")
+    assert (v["verdict"], v["seed"]) == ("rerun", 43)  # ...but sigma has the baseline's 3 dof only: one more run
+    assert v["line"].startswith("rerun with seed 43: promising, but nothing is kept on one run before sigma has 5 dof "
+                                "(3 so far)")
     v = play(tmp_path, BASELINE + [("cand000", 0.975, 42), ("cand000", 0.978, 43)])
     assert (v["verdict"], v["status"]) == ("keep", "keep")
 
 
-def test_once_measured_a_same_seed_comparison_is_seed_for_seed_and_one_run_decides(tmp_path):
+def test_the_best_is_an_estimate_that_discarded_commits_inform_and_a_kept_one_does_not_carry_its_luck():
+    """Ideas built on the baseline that scored like it (no effect) pull its estimate toward their runs and narrow it;
+    a commit kept on a lucky run is held at its parent's value minus the effect its runs suggest, not at those runs."""
+    alone = analysis.judge(table(with_status(BASELINE, "keep") + [("cand000", 0.996, 42, "discard")]))["tracked"]
+    assert alone["mu"] == pytest.approx(MEAN) and alone["v"] == pytest.approx(SIGMA ** 2 / 4)
+    nulls = [(f"idea00{i}", v, s, "discard") for i, v in enumerate((1.006, 1.007, 1.008)) for s in (42,)]
+    t = analysis.judge(table(with_status(BASELINE, "keep") + nulls + [("cand000", 0.996, 42, "discard")]))["tracked"]
+    assert MEAN < t["mu"] < 1.007 and t["v"] < alone["v"]
+    kept = with_status(BASELINE, "keep") + [("lucky", 0.960, 42, "keep"), ("lucky", 0.970, 43, "keep")]
+    t = analysis.judge(table(kept + [("cand000", 0.99, 42, "discard")]))["tracked"]
+    assert t["best"] == "lucky" and 0.965 < t["mu"] < MEAN  # between its runs' mean and the baseline's
+    assert t["experiments"] == 1 and t["prior"] != analysis._default_prior()  # the prior learned from one idea
+
+
+def test_once_measured_a_same_init_comparison_is_seed_for_seed_and_one_run_decides(tmp_path):
     df = table(with_status(BASELINE, "keep") + with_status(MEASURED, "discard") + [("cand000", 0.996, 42, "discard")])
     v = analysis.judge(df)
-    assert v["dof_paired"] == 4 and v["paired"] and v["se"] == pytest.approx(PAIRED)
-    assert v["diff"] == pytest.approx(1.000 - 0.996)  # against the baseline's seed 42, not its mean
-    assert v["z"] == pytest.approx(0.004 / PAIRED) and (v["verdict"], v["status"]) == ("keep", "keep")
-    assert "vs best base000 1.000000 (seed 42, seed for seed): better by 0.004000" in v["line"]
-    # the same run, unpaired, would have been undecided: 0.4 floors of the seed-to-seed noise
-    unpaired = analysis.compare({42: 0.996}, {42: 1.0, 43: 1.01, 44: 0.995, 45: 1.005}, dict(v, dof_paired=0))
-    assert not unpaired["paired"] and unpaired["z"] < analysis.bar(analysis.DISCARD_ONE, v["dof"])
+    p = v["tracked"]["paired"]
+    assert v["shares_init"] and v["paired"] and p["dof"] == 4 and p["tau2"] == pytest.approx(PAIRED ** 2)  # 0.00107
+    assert v["se"] == pytest.approx(math.sqrt(p["c"][0][0] + p["tau2"]))  # the best under seed 42, and one run
+    assert v["diff"] == pytest.approx(p["m"][0] - 0.996)  # against the best's value under seed 42, not its mean
+    assert (v["verdict"], v["status"]) == ("keep", "keep")
+    assert f"vs best base000 {p['m'][0]:.6f} (estimated under seed 42, sd " in v["line"]
+    # the same run, unpaired, would have been discarded: 1.0 floors of the seed-to-seed noise
+    unpaired = analysis.compare_tracked({42: 0.996}, v["tracked"], same_init=False)
+    assert not unpaired["paired"] and unpaired["z"] < analysis.bar(analysis.DISCARD_ONE, v["tracked"]["dof"])
 
 
-def test_an_edit_from_other_initial_weights_never_borrows_the_same_weights_spread():
-    """Hyperparameter edits (same init_fingerprint) share more of their noise with the best than an edit that adds a
-    module: their seed-for-seed spread is pooled apart, and a candidate from other weights uses only its own kind's."""
+def test_an_edit_from_other_initial_weights_is_never_compared_seed_for_seed():
+    """Hyperparameter edits (same init_fingerprint) share the noise of the seed's initial weights with the best; an
+    edit that adds a module draws other weights, so it is compared unpaired, and once such a commit is kept nothing
+    later is seed for seed with it."""
     df = table(with_status(BASELINE, "keep") + with_status(MEASURED, "discard") + [("arch000", 0.996, 42, "discard")])
     df.loc[df["commit"] == "arch000", "init_fingerprint"] = "a-new-module"
     v = analysis.judge(df)
-    assert v["same_init"]["dof"] == 4 and v["other_init"]["dof"] == 0
-    assert v["paired_kind"] == "other_init" and not v["paired"] and v["verdict"] == "discard"  # seed for seed: keep
-    assert "seed-for-seed spread from other initial weights not measured yet" in "\n".join(v["evidence"])
+    assert v["tracked"]["paired"]["dof"] == 4 and not v["shares_init"] and not v["paired"]
+    assert v["verdict"] == "discard"  # seed for seed it would be kept (the test above)
+    assert "seed for seed: not for this candidate (it starts from other initial weights)" in "\n".join(v["evidence"])
+    arch = [("arch000", 0.96, 42, "keep"), ("arch000", 0.97, 43, "keep")]
+    df = table(with_status(BASELINE, "keep") + with_status(MEASURED, "discard") + arch
+               + [("cand000", 0.95, 42, "discard")])
+    df.loc[df["commit"] == "arch000", "init_fingerprint"] = "a-new-module"
+    v = analysis.judge(df)
+    assert v["tracked"]["paired"] is None and not v["paired"] and v["best_commit"] == "arch000"
 
 
 def test_seed_for_seed_is_never_used_when_it_is_the_looser_test():
@@ -147,9 +173,19 @@ def test_seed_for_seed_is_never_used_when_it_is_the_looser_test():
                                                             (0.995, 1.016)]) for v, s in zip(pair, (42, 43))]
     df = table(with_status(BASELINE, "keep") + with_status(noisy, "discard") + [("cand000", 0.996, 42, "discard")])
     v = analysis.judge(df)
-    assert v["dof_paired"] == 4 and v["paired_spread"] > FLOOR  # measured, and wider than the unpaired comparison
-    assert not v["paired"] and v["diff"] == pytest.approx(MEAN - 0.996)
-    assert v["se"] == pytest.approx(v["sigma"] * math.sqrt(1 + 1 / 4))
+    t = v["tracked"]
+    assert t["paired"]["dof"] == 4 and math.sqrt(t["paired"]["tau2"]) > SIGMA  # measured, and wider than a run
+    assert v["shares_init"] and not v["paired"] and v["diff"] == pytest.approx(t["mu"] - 0.996)
+    assert v["se"] == pytest.approx(math.sqrt(t["sigma"] ** 2 + t["v"]))
+
+
+def test_the_benchmarks_vectorised_judge_agrees_with_analysis_judge_decision_for_decision():
+    """tests/benchmark_decisions.py measures a copy of this rule vectorised over thousands of nights; here a few
+    nights of every scenario (the same-init ones exercise the seed-for-seed estimate) go through both, run by run."""
+    out = subprocess.run([sys.executable, str(ROOT / "tests" / "benchmark_decisions.py"), "--nights", "2",
+                          "--experiments", "30", "--check", "1"], capture_output=True, text=True, timeout=120)
+    assert "analysis.judge replayed 420 experiments (1 nights per scenario and rule): every decision agrees with " \
+           "the vectorised copy" in out.stdout, out.stdout + out.stderr
 
 
 def test_a_two_degree_of_freedom_start_does_not_over_keep(monkeypatch):
@@ -181,12 +217,17 @@ def test_a_measured_spread_of_zero_never_gives_an_infinite_z(tmp_path):
     same = [("base000", 1.0, s) for s in analysis.BASELINE_SEEDS]  # the seed reaches nothing: identical runs
     v = play(tmp_path, same + [("cand000", 0.99, 42)])
     assert v["verdict"] == "refused" and "inf" not in v["line"] and "the seed does not reach" in v["line"]
-    # an edit that changed nothing (a comment) scores like the baseline under every seed, as on a deterministic CPU:
-    # it measures no seed-for-seed spread, so the next comparison is finite and unpaired
-    nothing = [("comment", 1.000, 42), ("comment", 1.010, 43)]
-    df = table(with_status(BASELINE, "keep") + with_status(nothing, "discard") + [("cand000", 0.999, 42, "discard")])
-    v = analysis.judge(df)
-    assert v["dof_paired"] == 0 and not v["paired"] and math.isfinite(v["z"]) and "inf" not in v["line"]
+    # edits that changed nothing (comments) score like the baseline under every seed, as on a deterministic CPU: the
+    # run spread seed for seed is measured as zero, and one of them is even kept by hand; every later z is finite
+    nothing = [(f"comment{i}", 1.000, 42) for i in range(3)] + [(f"comment{i}", 1.010, 43) for i in range(3)]
+    nothing = sorted(nothing, key=lambda r: r[0])
+    kept = [("comment3", 1.000, 42, "keep"), ("comment3", 1.010, 43, "keep")]
+    for last in ([], kept):
+        df = table(with_status(BASELINE, "keep") + with_status(nothing, "discard") + last
+                   + [("cand000", 0.999, 42, "discard")])
+        v = analysis.judge(df)
+        assert v["tracked"]["paired"]["dof"] == len(last) // 2 + 3 and math.isfinite(v["z"]) and v["se"] > 0
+        assert "inf" not in v["line"] and "nan" not in v["line"]
 
 
 def test_a_cold_first_run_is_left_out_named_and_run_again(tmp_path):
@@ -215,9 +256,11 @@ def test_one_outlying_run_sets_no_floor_for_the_rest_of_the_night():
     cold.loc[0, "num_steps"] = 47
     cold.loc[1:4, "num_steps"] = [51, 52, 50, 51]
     v = analysis.judge(cold)
-    assert v["paired"] and v["se"] == pytest.approx(PAIRED) and v["verdict"] == "keep"
-    assert v["sigma"] == pytest.approx(analysis.judge(table(with_status(BASELINE, "keep") + with_status(
-        MEASURED, "discard") + [("cand000", 0.996, 42, "discard")]))["sigma"])  # as if the cold run never happened
+    warm = analysis.judge(table(with_status(BASELINE, "keep") + with_status(MEASURED, "discard")
+                                + [("cand000", 0.996, 42, "discard")]))
+    assert v["paired"] and v["tracked"]["paired"]["tau2"] == pytest.approx(PAIRED ** 2) and v["verdict"] == "keep"
+    for key in ("sigma", "se", "z"):  # as if the cold run never happened
+        assert v[key] == pytest.approx(warm[key])
 
 
 def test_a_second_run_with_clearly_other_num_steps_is_flagged(tmp_path):
@@ -328,10 +371,11 @@ def test_mark_overrides_and_judge_prints_the_evidence(tmp_path):
     r = cli(tmp_path, "judge")
     lines = r.stdout.splitlines()
     assert r.returncode == 0 and lines[0].startswith("rerun with seed 43: undecided: cand000")
-    assert lines[1] == "  candidate cand000: seed 42 0.990000"
+    assert lines[1] == "  candidate cand000 (from the baseline's initial weights): seed 42 0.990000"
     assert lines[2] == "  best base000: seed 42 1.000000, 43 1.010000, 44 0.995000, 45 1.005000 (mean 1.002500)"
-    assert lines[3].startswith(f"  error: {SIGMA * math.sqrt(1.25):.6f} = sigma {SIGMA:.6f} * sqrt(1/1 + 1/4); "
-                               "sigma pooled over 1 commit with two or more seeds, 3 dof")
+    assert lines[3].startswith(f"  best estimated from 1 commit (")
+    assert lines[4].startswith(f"  error: {SIGMA * math.sqrt(1.25):.6f} = sqrt(sigma {SIGMA:.6f}^2 / 1 + the best's "
+                               f"sd {SIGMA / 2:.6f}^2); sigma pooled over the commits with two or more seeds, 3 dof")
     assert (tmp_path / "results.tsv").read_bytes() == before  # judge writes nothing
     r = cli(tmp_path, "mark", "--status", "keep")
     assert r.returncode == 0 and r.stdout == "keep: cand000 marked by hand\n", r.stderr

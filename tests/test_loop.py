@@ -268,13 +268,13 @@ def test_agent_follows_program_md_through_the_baseline_a_win_a_loss_a_crash_and_
     assert baseline[-1]["verdict"].startswith(f"keep: baseline {main_head} ")
 
     # A win by far more than the noise: the learning rates back to train.py's own (the slow start deleted). Nothing
-    # is kept on one run before the seed-for-seed noise is measured, so it runs under seed 43 too, then is kept.
+    # is kept on one run while sigma has only the baseline's 3 dof, so it runs under seed 43 too, then is kept.
     edit(repo, r"^    EMBEDDING_LR, UNEMBEDDING_LR, MATRIX_LR, SCALAR_LR = .*\n", "")
     win = agent.commit("learning rates back to the defaults")
     won = agent.experiment("learning rates back to the defaults")
     assert [r["verdict"].split(":")[0] for r in won] == ["rerun with seed 43", "keep"], [r["verdict"] for r in won]
-    assert won[0]["verdict"].startswith(f"rerun with seed 43: promising, but nothing is kept on one run before 4 dof "
-                                        f"of seed-for-seed noise (0 so far): {win} ")
+    assert won[0]["verdict"].startswith(f"rerun with seed 43: promising, but nothing is kept on one run before sigma "
+                                        f"has 5 dof (3 so far): {win} ")
     assert all(float(r["summary"]["val_bpb"]) < min(float(b["summary"]["val_bpb"]) for b in baseline) for r in won)
     assert agent.where()[1].split()[0] == win  # kept: the branch has advanced
 
