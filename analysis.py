@@ -390,16 +390,15 @@ def track(values, kept, fingerprints, exclude=None):
     ss = sum((x - _mean(base.values())) ** 2 for x in base.values())
     dof = len(base) - 1
     default = _default_prior()
-    t = {"best": commits[0], "mu": _mean(base.values()), "v": ss / dof / len(base), "sigma": math.sqrt(ss / dof),
-         "dof": dof, "experiments": 0, "prior": default, "paired": None}
-    family = {s: fingerprints.get((commits[0], s)) for s in SEEDS}
+    t = {"baseline": commits[0], "best": commits[0], "mu": _mean(base.values()), "v": ss / dof / len(base),
+         "sigma": math.sqrt(ss / dof), "dof": dof, "experiments": 0, "prior": default, "paired": None}
     diffs = []  # SEEDS[0] - SEEDS[1] of each commit of the family that ran under both: the run spread seed for seed
-    if all(s in base for s in SEEDS) and all(family.values()):
+    if all(s in base and fingerprints.get((commits[0], s)) for s in SEEDS):
         diffs.append(base[SEEDS[0]] - base[SEEDS[1]])
-        t["paired"] = {"m": [base[s] for s in SEEDS], "c": [[ss / dof, 0.0], [0.0, ss / dof]], "family": family}
+        t["paired"] = {"m": [base[s] for s in SEEDS], "c": [[ss / dof, 0.0], [0.0, ss / dof]]}
+    _paired_spread(t, diffs)
     seen = [0.0] * len(EFFECTS)
     for commit in commits[1:]:
-        _paired_spread(t, diffs)
         if commit == exclude:
             break
         runs, s2 = values[commit], t["sigma"] ** 2
@@ -412,7 +411,7 @@ def track(values, kept, fingerprints, exclude=None):
         t["mu"] = sum(wi * x for wi, x in zip(w, new))
         t["v"] = 1 / precision + sum(wi * (x - t["mu"]) ** 2 for wi, x in zip(w, new))
         p = t["paired"]
-        if p and all(fingerprints.get((commit, s)) == p["family"][s] for s in runs if s in SEEDS):
+        if p and init_kind(fingerprints, commit, t["baseline"], [s for s in runs if s in SEEDS]) == "same_init":
             ys = {i: runs[s] for i, s in enumerate(SEEDS) if s in runs}
             if ys:
                 p["m"], p["c"] = _paired_step(p["m"], p["c"], p["tau2"], gs, t["prior"], ys, is_kept)
@@ -428,7 +427,6 @@ def track(values, kept, fingerprints, exclude=None):
             dof += n - 1
             t["sigma"], t["dof"] = math.sqrt(ss / dof), dof
         t["best"] = commit if is_kept else t["best"]
-    else:
         _paired_spread(t, diffs)
     return t
 
@@ -569,7 +567,7 @@ def judge(df, commit=None, rule="noise"):
         return _verdict("rerun", status, f"rerun with seed {seed}: every run of {commit} was left out; "
                                          + "; ".join(notes), seed=seed, evidence_lines=notes)
     p = t["paired"]
-    same_init = bool(p) and all(fingerprints.get((commit, s)) == p["family"].get(s) for s in cand)
+    same_init = bool(p) and init_kind(fingerprints, commit, t["baseline"], cand) == "same_init"
     c = compare_tracked(cand, t, same_init)
     z, dof = c["z"], c["dof"]
     next_seed = next((s for s in SEEDS if s not in cand), None)
@@ -622,7 +620,7 @@ def judge(df, commit=None, rule="noise"):
           f"{keep_one:.2f}" + ("" if one_run_ok else f" (once sigma has {ONE_RUN_KEEP_DOF} dof)") +
           f", discard z <= {discard_one:.2f}; two runs keep z >= {keep_two:.2f}"] + notes
     return _verdict(verdict, status, line, seed=next_seed if verdict == "rerun" else None, evidence_lines=ev,
-                    best_commit=best_commit, shares_init=same_init, tracked=t, **dict(nz, **c))
+                    best_commit=best_commit, shares_init=same_init, tracked=t, sigma=t["sigma"], floor=floor, **c)
 
 
 # -----------------------------------------------------------------------------
