@@ -27,11 +27,15 @@ The rule (docs/judging.md has the statistics and the benchmark behind the consta
 - Runs that differ from the best in device, attention kernel, time budget or evaluation tokens are refused. A run whose
   num_steps is more than STEP_TOLERANCE off the median of its commit's runs (3 or more) is left out, and named.
 - The night's gain is confirmed under CONFIRM_SEEDS, seeds no decision used: confirmation rows change no status.
+  They also score a held-out part of the validation shard; the report says when the gain does not hold there.
 - AUTORESEARCH_RULE=plain (or --rule plain) is the reference's rule: one run, keep if strictly lower than the best kept.
+- Before a run counts, `record` checks it against the receipt prepare.py's evaluate_bpb printed into run.log, git and
+  the seeds asked for (check_run), refuses what differs, and names what the diff of train.py touches (flags).
 
 Reading is forgiving: messy input gives a warning per bad line instead of a traceback, and the reference's five-column
-files and this project's older eleven-column files load as they are. analysis.ipynb imports the functions below.
-The integrity check runs git in the directory holding the tsv: no kept commit may change prepare.py or pyproject.toml.
+files and this project's older files load as they are. analysis.ipynb imports the functions below. The report's
+integrity check runs git in the directory holding the tsv: no kept commit may differ from the baseline's commit in a
+file other than train.py.
 """
 
 import argparse
@@ -40,6 +44,7 @@ import json
 import math
 import os
 import re
+import statistics
 import subprocess
 import sys
 from contextlib import contextmanager
@@ -47,17 +52,20 @@ from contextlib import contextmanager
 import pandas as pd
 
 COLUMNS = ["commit", "val_bpb", "memory_gb", "status", "description"]  # the reference's five, first and in order
-EXTRA = ["seed", "num_steps", "attention", "device", "init_fingerprint", "verdict", "time_budget", "eval_tokens"]
-HEADER = COLUMNS + EXTRA  # older files stop after `verdict` (eleven columns) or after `description` (five)
-FROM_SUMMARY = [k for k in EXTRA if k != "verdict"]  # the summary keys each row records
+EXTRA = ["seed", "num_steps", "attention", "device", "init_fingerprint", "verdict", "time_budget", "eval_tokens",
+         "training_seconds", "total_seconds", "rule", "flags", "receipt"]
+HEADER = COLUMNS + EXTRA  # older files stop after `eval_tokens` (13 columns), `verdict` (11) or `description` (5)
+FROM_SUMMARY = [k for k in EXTRA if k not in ("verdict", "rule", "flags", "receipt")]  # the summary keys a row records
 MATCHED = ("device", "attention", "time_budget", "eval_tokens")  # runs are compared only when these agree
 STATUSES = ("keep", "discard", "crash")
-FIXED_FILES = ("prepare.py", "pyproject.toml")  # the agent may change train.py only; these two matter most
+EDITABLE = "train.py"  # the one file that may differ from the baseline's commit
 RULES = ("noise", "plain")
 
 BASELINE_SEEDS = (42, 43, 44, 45)  # the baseline runs under each before any idea is judged (3 dof of noise)
 SEEDS = (42, 43)                   # a candidate's first run, and its one rerun when the verdict asks for it
-CONFIRM_SEEDS = (1001, 1002)  # the morning's confirmation of baseline and best: seeds no decision used
+CONFIRM_SEEDS = (1001, 1002)  # the morning's confirmation of baseline and best: seeds no decision used; under a seed
+                              # from 1000 up, prepare.py also scores the held-out part of the validation shard
+HELDOUT_SHARE = 0.5           # the gain holds on the held-out part when at least this share of it is found there
 # The bars, as normal quantiles (each is used as the t quantile of the same tail probability), and the prior over
 # effects. Tuned for true progress per run with tests/benchmark_decisions.py --seed 1; its default draws (--seed 0)
 # report them.
@@ -478,6 +486,18 @@ def _best_commit(df, commit):
     return kept["commit"].iloc[-1] if len(kept) else None
 
 
+def row_flags(rows):
+    """The flag codes of a commit's rows that were not refused, each once, in order."""
+    codes = ",".join(rows.loc[rows["verdict"] != "refused", "flags"].fillna("")).split(",")
+    return list(dict.fromkeys(c for c in codes if c))
+
+
+def _flagged(rows):
+    """The verdict's tail naming the commit's flags for the morning ('' when there are none)."""
+    text = flag_text(row_flags(rows))
+    return f"; flagged for the morning: {text}" if text else ""
+
+
 def _seeds_text(seeds):
     return ", ".join(f"{s} {v:.6f}" for s, v in seeds.items())
 
@@ -544,7 +564,7 @@ def judge(df, commit=None, rule="noise"):
         verdict = "keep" if v < best_bpb else "discard"
         return _verdict(verdict, verdict, f"{verdict}: {commit} {v:.6f} vs best kept {best_bpb:.6f} "
                                           f"({'better' if v < best_bpb else 'not better'} by {abs(v - best_bpb):.6f}; "
-                                          "plain rule: keep only if strictly lower)")
+                                          "plain rule: keep only if strictly lower)" + _flagged(mine))
 
     values, best_before, left_out, fingerprints = evidence(df, like)
     nz = noise(values, best_before, exclude=commit, fingerprints=fingerprints)
@@ -598,6 +618,9 @@ def judge(df, commit=None, rule="noise"):
             f"{shown}: {'better' if c['diff'] > 0 else 'worse' if c['diff'] < 0 else 'equal'} by {abs(c['diff']):.6f}"
             f" = {abs(c['diff']) / floor:.1f} noise floors, z {z:+.2f} ({bars}; {error}, {dof} dof)"
             + "".join(f"; {n}" for n in notes))
+    if verdict == "keep" and c["diff"] > IMPLAUSIBLE_FLOORS * floor:
+        line += f"; check this: {c['diff'] / floor:.0f} noise floors is a lot for one edit"
+    line += _flagged(mine)
     kind_text = "from the baseline's initial weights" if same_init else "from other initial weights"
     ev = [f"candidate {commit} ({kind_text}): seed {_seeds_text(cand)}",
           f"best {best_commit}: seed {_seeds_text(best)} (mean {_mean(best.values()):.6f})",
@@ -642,11 +665,14 @@ def confirmation(df):
         return None
     like = conditions(_results(decisions[decisions["commit"] == best]).iloc[-1])
     runs = df[(df["verdict"] == "confirm") & (df["val_bpb"] > 0)]
-    got = {baseline: {}, best: {}}
+    got, held = {baseline: {}, best: {}}, {baseline: {}, best: {}}  # val_bpb, and the held-out part's
     for r in runs.to_dict("records"):
         if r["commit"] in got and r["seed"] in CONFIRM_SEEDS and not _differs(r, like):
             got[r["commit"]].setdefault(r["seed"], []).append(r["val_bpb"])
-    got = {c: {s: _mean(v) for s, v in seeds.items()} for c, seeds in got.items()}
+            heldout = parse_receipt_field(r["receipt"]).get("heldout")
+            if heldout:
+                held[r["commit"]].setdefault(r["seed"], []).append(float(heldout))
+    got, held = ({c: {s: _mean(v) for s, v in seeds.items()} for c, seeds in d.items()} for d in (got, held))
     todo = [(c, s) for s in CONFIRM_SEEDS for c in (baseline, best) if s not in got[c]]
     out = {"baseline": baseline, "best": best, "seeds": list(CONFIRM_SEEDS), "todo": todo,
            "done": sum(len(v) for v in got.values()), "needed": 2 * len(CONFIRM_SEEDS), "gain": None}
@@ -660,8 +686,23 @@ def confirmation(df):
         c = compare(got[best], got[baseline], nz)
         half = t_ppf(0.975, c["dof"]) * c["se"]
         out.update(gain=c["diff"], se=c["se"], dof=c["dof"], paired=c["paired"], ci=[c["diff"] - half, c["diff"] + half],
-                   floor=nz["floor"])
+                   floor=nz["floor"], heldout_gain=None)
+        if all(set(held[k]) == set(got[k]) for k in held):  # every run scored the held-out part too
+            h = compare(held[best], held[baseline], nz)
+            half = t_ppf(0.975, h["dof"]) * h["se"]
+            out.update(heldout_gain=h["diff"], heldout_ci=[h["diff"] - half, h["diff"] + half],
+                       heldout_holds=c["diff"] <= 0 or h["diff"] >= HELDOUT_SHARE * c["diff"])
     return out
+
+
+def heldout_text(conf):
+    """The held-out part's gain next to the confirmed one, and whether the gain holds there."""
+    if conf.get("heldout_gain") is None:
+        return ""
+    lo, hi = conf["heldout_ci"]
+    return (f"; on the held-out part {conf['heldout_gain']:.6f} (95% interval {lo:.6f} to {hi:.6f})"
+            + ("" if conf["heldout_holds"] else f": the gain does not hold there (less than {HELDOUT_SHARE:.0%} of "
+                                                "it): the night may have fitted the validation set"))
 
 
 def confirmation_line(conf):
@@ -677,7 +718,194 @@ def confirmation_line(conf):
     lo, hi = conf["ci"]
     return (f"confirmed: best {conf['best']} is better than baseline {conf['baseline']} by {conf['gain']:.6f} "
             f"(95% interval {lo:.6f} to {hi:.6f}; {'seed for seed' if conf['paired'] else 'unpaired'}, "
-            f"{conf['dof']} dof) under seeds {', '.join(map(str, conf['seeds']))}")
+            f"{conf['dof']} dof) under seeds {', '.join(map(str, conf['seeds']))}" + heldout_text(conf))
+
+# -----------------------------------------------------------------------------
+# Checking a run before it counts: the receipt prepare.py printed, git, the seed
+#
+# train.py prints the summary, but prepare.py's evaluate_bpb measured the number and printed a receipt of what it
+# scored. A run is recorded only when the receipt agrees with the summary and with the baseline's runs, no file but
+# train.py differs from the baseline's commit, the commit that ran is the one recorded and nothing uncommitted ran
+# with it, and a verdict asked for its seed. What a diff of train.py touches is named, never refused: a person
+# decides in the morning. The threat is an agent taking a shortcut, not a forger (docs/reliability.md).
+
+RECEIPT_KEYS = {"tokens": "the tokens scored", "bytes": "the bytes counted", "sum": "the tokens scored",
+                "val": "the validation shard", "table": "the token-byte table", "prepare": "prepare.py",
+                "seq_len": "the sequence length", "budget": "the time budget"}  # equal in every run of a night
+RUN_KEYS = ("run", "wall", "train_tokens")  # this run's own: its id, seconds from first batch to evaluation, tokens
+# Named in the verdict and the report when a diff of train.py against the best touches one of these (changed lines)
+DIFF_FLAGS = {
+    "eval": (r"evaluate_bpb|eval_tokens|targets is None|\breturn logits\b|\.eval\(|\.training\b|inference_mode|"
+             r"is_grad_enabled",
+             "the evaluation"),
+    "time": (r"training_time|budget|TIME_BUDGET|time\.(time|perf_counter|monotonic)|step > \d|\bdt\b|\bt0\b",
+             "the time accounting or budget"),
+    "summary": (r"print\(.*(---|val_bpb|_seconds|num_steps|tokens|time_budget)|stdout|stderr", "the summary lines"),
+    "val": (r"[\"']val[\"']|VAL_|shard_06542|shard_paths", "the validation split"),
+    "prepare": (r"\bprepare\.|import prepare|from prepare import|setattr\(|sys\.modules|globals\(\)",
+                "the prepare module"),
+    "files": (r"\bopen\(|torch\.(load|save)|load_state_dict|np\.(load|save)|pickle|safetensors|\.(read|write)_"
+              r"(text|bytes)|os\.(remove|rename|replace)|shutil|subprocess", "file reads or writes"),
+    "env": (r"os\.environ|putenv|AUTORESEARCH_", "environment variables"),
+}
+REFUSALS = {"dirty": "with uncommitted changes", "git": "outside the night's repository",
+            "files": "changing a file other than train.py", "seed": "under a seed no verdict asked for",
+            "receipt": "without one receipt of evaluate_bpb", "summary": "whose summary differs from the receipt",
+            "causal": "of a model that sees later tokens", "val": "reading the validation split",
+            "stale": "of an old or repeated log", "baseline": "scored on other terms than the baseline"}
+# Named from the receipt: seconds from the first training batch to evaluation, past the budget, above twice the
+# baseline's plus 10% of the budget (at least 10 s); or no batch from make_dataloader at all
+RUN_FLAGS = {"wall": "more wall clock from first batch to evaluation than the baseline's",
+             "loader": "no training batch from make_dataloader"}
+IMPLAUSIBLE_FLOORS = 10  # a gain this many noise floors from one edit is checked by a person in the morning
+
+
+def parse_receipts(text):
+    """The receipts evaluate_bpb printed into a log (one per evaluation), as dicts; a line that is not JSON is {}."""
+    out = []
+    for m in re.finditer(r"^receipt: (.*?)\s*$", SKYPILOT_PREFIX.sub("", text), re.M):
+        try:
+            out.append(json.loads(m.group(1)))
+        except ValueError:
+            out.append({})
+    return out
+
+
+def receipt_field(receipt):
+    """What results.tsv keeps of a receipt: `key=value` pairs, the night's invariants first, then the run's own."""
+    r = {k: receipt.get(k) for k in [*RECEIPT_KEYS, *RUN_KEYS]}
+    if receipt.get("heldout"):
+        r.update(heldout=f"{receipt['heldout']['val_bpb']:.6f}", hsum=receipt["heldout"]["sum"])
+    return " ".join(f"{k}={v}" for k, v in r.items() if v is not None)
+
+
+def parse_receipt_field(text):
+    return dict(kv.split("=", 1) for kv in (text or "").split() if "=" in kv)
+
+
+def _git_lines(repo, *args):
+    """git's output lines in `repo`, or None when git fails (no repository, an unknown commit)."""
+    try:
+        r = subprocess.run(["git", "-C", repo, *args], capture_output=True, text=True)
+    except OSError:
+        return None
+    return r.stdout.splitlines() if r.returncode == 0 else None
+
+
+def asked_seeds(before, commit, rule, confirm):
+    """The seeds a verdict or the confirmation asks `commit` to run under next, from the rows `before` this run."""
+    if confirm:
+        conf = confirmation(before)
+        return [s for c, s in (conf["todo"] if conf else []) if c == commit]
+    decisions = before[before["verdict"] != "confirm"]
+    mine = decisions[decisions["commit"] == commit]
+    if mine.empty:
+        return [SEEDS[0]]  # SEED in train.py
+    v = judge(decisions, commit, rule)
+    last = _int_or_none(str(mine["seed"].iloc[-1]))
+    return [v["seed"] if v["seed"] is not None else last] if v["verdict"] in ("rerun", "refused", "crash") else []
+
+
+def check_run(before, summary, receipts, commit, rule="noise", confirm=False, repo="."):
+    """Whether a run may be recorded: (refusal, flags, receipt). refusal is None or (code, the verdict line);
+    flags the codes of DIFF_FLAGS and RUN_FLAGS that apply; receipt the one evaluate_bpb printed, or None."""
+    decisions = before[before["verdict"] != "confirm"]
+    base = decisions["commit"].iloc[0] if len(decisions) else commit
+    seed = _int_or_none(summary.get("seed"))
+    asked = asked_seeds(before, commit, rule, confirm)
+    again = f"run it again with seed {asked[0] if asked else seed}"
+    dirty = _git_lines(repo, "status", "--porcelain", "--untracked-files=no")
+    if dirty:
+        files = ", ".join(line[3:] for line in dirty)
+        return ("dirty", f"refused: uncommitted changes to {files}; only a committed train.py is recorded: commit it "
+                         f"or undo them (git checkout -- <file>), then {again}"), [], None
+    changed = _git_lines(repo, "diff", "--name-only", base, commit)
+    if changed is None:
+        return ("git", f"refused: cannot compare {commit} with the baseline {base} in the git repository at "
+                       f"{os.path.abspath(repo)}; record from the night's repository"), [], None
+    others = [f for f in changed if f != EDITABLE]
+    if others:
+        return ("files", f"refused: {commit} changes {', '.join(others)} against the baseline {base}; only "
+                         f"{EDITABLE} may change: restore them (git checkout {base} -- <file>), amend the commit, "
+                         f"then {again}"), [], None
+    r = receipts[0] if len(receipts) == 1 and receipts[0] else None
+    rows = [(line, parse_receipt_field(f)) for line, f in zip(before["line"], before["receipt"]) if f]
+    if r and r["commit"] and not r["commit"].startswith(commit):
+        return ("stale", f"refused: run.log is a run of {r['commit'][:7]}, not of {commit} (an old log?); run "
+                         f"{commit} first"), [], r
+    seen = [line for line, f in rows if f.get("run") == r["run"]] if r else []
+    if seen:
+        return ("stale", f"refused: this run.log is recorded already (line {seen[0]} of results.tsv); run the "
+                         f"experiment first"), [], r
+    if seed is not None and seed not in asked:
+        why = (f"it asks for seed {asked[0]}" if asked else f"{commit} is judged already: run the next idea"
+               if not confirm else "its confirmation runs are done")
+        if not confirm and decisions["commit"].ne(commit).all():
+            why = f"a new commit runs first under seed {SEEDS[0]} (never set AUTORESEARCH_SEED yourself)"
+        return ("seed", f"refused: no verdict asked for a run of {commit} under seed {seed}; {why}"), [], r
+    if "val_bpb" not in summary:
+        return None, [], None  # a crash: no number to check
+    if r is None:
+        return ("receipt", f"refused: run.log has {len(receipts)} receipts of evaluate_bpb where one run prints one; "
+                           f"its val_bpb is not the one prepare.py measured: call evaluate_bpb once and print what it "
+                           f"returns (undo the edit), then {again}"), [], None
+    told = {"val_bpb": (summary["val_bpb"], f"{r['val_bpb']:.6f}"), "eval_tokens": (summary.get("eval_tokens"),
+            str(r["tokens"])), "time_budget": (summary.get("time_budget"), f"{r['budget']:g}")}
+    wrong = [f"{k} {said} (measured {real})" for k, (said, real) in told.items()
+             if said is not None and (abs(float(said) - float(real)) > 5e-7 if k == "val_bpb" else said != real)]
+    if wrong:
+        return ("summary", f"refused: the summary says {', '.join(wrong)}; print what evaluate_bpb returned "
+                           f"and prepare.py's conditions (undo the edit), then {again}"), [], r
+    if not r["causal"]:
+        return ("causal", f"refused: the model sees later tokens (changing the tokens after a position moved the "
+                          f"loss before it by {r['leak']:.2g} nats; or it is random at evaluation): every layer must "
+                          f"be causal: undo the edit, then {again}"), [], r
+    if r["val_loaders"]:
+        return ("val", f"refused: the validation split was read outside evaluate_bpb (training on it?); train on "
+                       f"make_dataloader(..., \"train\") only: undo the edit, then {again}"), [], r
+    if r["dirty"]:
+        return ("dirty", f"refused: the run started with uncommitted changes to {', '.join(r['dirty'])}, so no "
+                         f"commit holds what ran: commit it (or undo them), then {again}"), [], r
+    this = parse_receipt_field(receipt_field(r))
+    counted = decisions[(decisions["commit"] == base) & (decisions["verdict"] != "refused")]
+    like = [f for line, f in rows if line in set(counted["line"])]
+    differ = sorted({RECEIPT_KEYS[k] for k in RECEIPT_KEYS if like and like[0].get(k) != this.get(k)})
+    if confirm:
+        hsums = {f["hsum"] for line, f in rows if "hsum" in f}
+        differ += ["the held-out part"] * bool(hsums and this.get("hsum") not in hsums)
+    if differ:
+        return ("baseline", f"refused: evaluate_bpb scored this run on other terms than the baseline {base}'s: "
+                            f"{', '.join(differ)} differ; only {EDITABLE} changes, never what is scored: undo "
+                            f"that, then {again}"), [], r
+    return None, [] if confirm or commit == base else flags_of(decisions, commit, r, like_wall(before, base), repo), r
+
+
+def like_wall(before, base):
+    """The baseline's runs' seconds from their first training batch to evaluation, past their time budget."""
+    rows = before[(before["commit"] == base) & ~before["verdict"].isin(["confirm", "refused"])]
+    return [float(f["wall"]) - float(f.get("budget", 0)) for f in map(parse_receipt_field, rows["receipt"])
+            if "wall" in f]
+
+
+def flags_of(decisions, commit, receipt, base_excess, repo):
+    """The DIFF_FLAGS that the diff of train.py against the best it is compared with touches, and the RUN_FLAGS."""
+    best = _best_commit(decisions, commit) or decisions["commit"].iloc[0]
+    diff = _git_lines(repo, "diff", "-U0", best, commit, "--", EDITABLE) or []
+    changed = "\n".join(line[1:] for line in diff if line[:1] in "+-" and line[:3] not in ("+++", "---"))
+    flags = [k for k, (pattern, _) in DIFF_FLAGS.items() if re.search(pattern, changed)]
+    excess = receipt["wall"] - receipt["budget"] if receipt.get("wall") is not None else None  # warm-up and more
+    slack = 2 * max(statistics.median(base_excess), 0) + max(0.1 * receipt["budget"], 10) if base_excess else None
+    if excess is not None and slack is not None and excess > slack:
+        flags.append("wall")
+    if not receipt.get("train_tokens"):
+        flags.append("loader")
+    return flags
+
+
+def flag_text(codes):
+    """The flags of a row (its `flags` field, comma-separated) in words; refusals (`refused:...`) left out."""
+    words = {k: w for k, (_, w) in DIFF_FLAGS.items()} | RUN_FLAGS
+    return ", ".join(words[c] for c in codes if c in words)
 
 # -----------------------------------------------------------------------------
 # Recording a run: run.log -> one row, appended under a lock
@@ -722,7 +950,8 @@ def make_row(summary, commit, description):
         memory_gb = "0.0"
     row = dict(commit=commit, val_bpb="0.000000" if crashed else f"{float(summary['val_bpb']):.6f}",
                memory_gb="0.0" if crashed else memory_gb, status="crash" if crashed else "discard",
-               description=description, verdict="", **{k: summary.get(k, "") for k in FROM_SUMMARY})
+               description=description, verdict="", rule="", flags="", receipt="",
+               **{k: summary.get(k, "") for k in FROM_SUMMARY})
     return [row[k] for k in HEADER]
 
 
@@ -742,12 +971,16 @@ class RecordError(Exception):
     """A run that cannot be recorded as asked; nothing was written."""
 
 
-def record(tsv, summary, commit, description=None, rule="noise", confirm=False):
+def record(tsv, summary, commit, description=None, rule="noise", confirm=False, receipts=None, repo=None):
     """Appends the run's row to `tsv` and judges its commit: the commit's status goes into all its rows and the
     verdict into the new one. With `confirm` the row is a confirmation run (verdict `confirm`): it changes no status
     and the returned verdict's line says what to confirm next. Without a description, a commit that already has rows
     reuses its first one. The file is rewritten whole and renamed into place, under the lock: a reader never sees
-    half a row, and two writers never lose one. Returns (the new row's fields, the verdict)."""
+    half a row, and two writers never lose one. Returns (the new row's fields, the verdict).
+
+    `receipts` (what evaluate_bpb printed into the run's log) and `repo` (the git checkout that ran it): the run is
+    checked first (check_run) and refused, its row kept with the reason, when it may not count. The command line
+    always passes both; without them (simulations, tests of the rule) the summary is trusted."""
     with locked(tsv):
         text = ""
         if os.path.exists(tsv):
@@ -763,46 +996,65 @@ def record(tsv, summary, commit, description=None, rule="noise", confirm=False):
             if known.empty:
                 raise RecordError(f"commit {commit} has no row in {tsv} yet: give --description \"<what changed>\"")
             description = known.iloc[0]
-        row = make_row(summary, commit, description)
+        row = dict(zip(HEADER, make_row(summary, commit, description)), rule=rule)
+        conf = confirmation(before) if confirm else None
+        if confirm and (conf is None or commit not in (conf["baseline"], conf["best"])):
+            raise RecordError(f"commit {commit} is not one to confirm; `uv run analysis.py confirm` names the "
+                              "commit and seed to run")
+        refusal, flags, receipt = (None, [], None) if receipts is None else \
+            check_run(before, summary, receipts, commit, rule, confirm, repo or ".")
+        row.update(flags=",".join(flags), receipt=receipt_field(receipt) if receipt else "")
+        if refusal:
+            mine = _results(before[(before["commit"] == commit) & (before["verdict"] != "confirm")])
+            if row["status"] != "crash":
+                row["status"] = mine["status"].iloc[-1] if len(mine) else "discard"
+            row.update(verdict="refused", flags=f"refused:{refusal[0]}")
+            lines.append("\t".join(row[k] for k in HEADER))
+            _replace(tsv, lines)
+            return [row[k] for k in HEADER], _verdict("refused", row["status"], refusal[1])
         if confirm:
-            conf = confirmation(before)
-            if conf is None or commit not in (conf["baseline"], conf["best"]):
-                raise RecordError(f"commit {commit} is not one to confirm; `uv run analysis.py confirm` names the "
-                                  "commit and seed to run")
-            status = HEADER.index("status")
-            if row[status] != "crash":  # a confirmation run takes its commit's status; it never sets one
-                row[status] = before.loc[before["commit"] == commit, "status"].iloc[-1]
-            row[HEADER.index("verdict")] = "confirm"
-            lines.append("\t".join(row))
+            if row["status"] != "crash":  # a confirmation run takes its commit's status; it never sets one
+                row["status"] = before.loc[before["commit"] == commit, "status"].iloc[-1]
+            row["verdict"] = "confirm"
+            lines.append("\t".join(row[k] for k in HEADER))
             _replace(tsv, lines)
             conf = confirmation(parse_results("\n".join(lines))[0])
-            return row, _verdict("confirm", row[3], confirmation_line(conf), confirmation=conf)
-        lines.append("\t".join(row))
+            return [row[k] for k in HEADER], _verdict("confirm", row["status"], confirmation_line(conf),
+                                                       confirmation=conf)
+        lines.append("\t".join(row[k] for k in HEADER))
         df, _ = parse_results("\n".join(lines))
         verdict = judge(df, commit, rule)
         _set_status(lines, df, commit, verdict["status"])
-        if row[3] != "crash":
-            row[3] = verdict["status"]
-        row[HEADER.index("verdict")] = verdict["verdict"]
-        lines[-1] = "\t".join(row)
+        if row["status"] != "crash":
+            row["status"] = verdict["status"]
+        row["verdict"] = verdict["verdict"]
+        lines[-1] = "\t".join(row[k] for k in HEADER)
         _replace(tsv, lines)
-    return row, verdict
+    return [row[k] for k in HEADER], verdict
 
 
 def mark(tsv, commit, status):
-    """Sets the status of every result row of `commit` by hand (the simplicity criterion), under the lock."""
+    """Sets the status of every result row of `commit` by hand (the simplicity criterion), under the lock; their
+    rule becomes `hand`, which the report shows."""
     with locked(tsv):
         with open(tsv, encoding="utf-8", errors="replace") as f:
             lines = f.read().lstrip("\ufeff").splitlines()
-        _set_status(lines, parse_results("\n".join(lines))[0], commit, status)
+        header = lines[0].strip().lower().split("\t")
+        if header[:5] == COLUMNS and header == HEADER[:len(header)]:
+            lines[0] = "\t".join(HEADER)  # an older file gains the rule column
+        _set_status(lines, parse_results("\n".join(lines))[0], commit, status, rule="hand")
         _replace(tsv, lines)
 
 
-def _set_status(lines, df, commit, status):
-    """Writes `status` into the status field of `commit`'s result rows (df parsed from `lines`); crashes stay."""
+def _set_status(lines, df, commit, status, rule=None):
+    """Writes `status` (and `rule`, if given) into the status field of `commit`'s result rows (df parsed from
+    `lines`); crashes stay."""
     for lineno in df.loc[(df["commit"] == commit) & (df["val_bpb"] > 0), "line"]:
         fields = lines[lineno - 1].split("\t")
         fields[3] = status
+        if rule:
+            fields += [""] * (len(HEADER) - len(fields))
+            fields[HEADER.index("rule")] = rule
         lines[lineno - 1] = "\t".join(fields)
 
 
@@ -841,9 +1093,28 @@ def experiments(df):
                      "memory_gb": float(g["memory_gb"].max()), "runs": len(runs),
                      "seeds": [int(s) for s in runs["seed"] if s is not None],
                      "init_fingerprint": runs["init_fingerprint"].iloc[0] if len(runs) else "",
-                     "description": g["description"].iloc[0]})
+                     "description": g["description"].iloc[0], **_run_costs(runs),
+                     "rule": runs["rule"].iloc[-1] if len(runs) else "", "flags": row_flags(g),
+                     "refused": int((g["verdict"] == "refused").sum())})
     return pd.DataFrame(rows, columns=["experiment", "commit", "status", "val_bpb", "memory_gb", "runs", "seeds",
-                                       "init_fingerprint", "description"])
+                                       "init_fingerprint", "description", *COSTS, "rule", "flags", "refused"])
+
+
+COSTS = ("steps", "tokens_M", "training_seconds", "total_seconds")  # what a run spent, for the morning's review
+
+
+def _run_costs(runs):
+    """The median num_steps of `runs`, and their mean tokens trained (as make_dataloader counted them), training
+    and total seconds; None where no run has the number."""
+    def mean(values):
+        values = [float(v) for v in values if v not in (None, "")]
+        return sum(values) / len(values) if values else None
+
+    steps = [s for s in runs["num_steps"] if s is not None]
+    served = [int(f["train_tokens"]) / 1e6 for f in map(parse_receipt_field, runs["receipt"]) if "train_tokens" in f]
+    return {"steps": statistics.median(steps) if steps else None,
+            "tokens_M": mean(served),
+            "training_seconds": mean(runs["training_seconds"]), "total_seconds": mean(runs["total_seconds"])}
 
 
 def _num(x):
@@ -880,15 +1151,17 @@ def summarize(df):
 
     kept_list = [{"experiment": int(r.experiment), "commit": r.commit, "val_bpb": round(float(r.val_bpb), 6),
                   "memory_gb": _num(r.memory_gb), "runs": int(r.runs), "seeds": r.seeds,
-                  "description": r.description} for r in kept.itertuples()]
+                  "description": r.description, **{k: _num(getattr(r, k)) for k in COSTS}, "rule": r.rule,
+                  "flags": r.flags} for r in kept.itertuples()]
     # each kept experiment after the first, by how much it lowered val_bpb below the previous kept one, in floors
     hits = []
     for prev, k in zip(kept_list, kept_list[1:]):
         gain = round(prev["val_bpb"] - k["val_bpb"], 6)
         floors = round(gain / floor, 2) if floor else None
-        hits.append(dict(k, gain=gain, gain_floors=floors, within_noise=floors is not None and floors < 1))
+        hits.append(dict(k, gain=gain, gain_floors=floors, within_noise=floors is not None and floors < 1,
+                         check=floors is not None and floors > IMPLAUSIBLE_FLOORS))
     for k, h in zip(kept_list[1:], hits):
-        k.update(gain=h["gain"], gain_floors=h["gain_floors"], within_noise=h["within_noise"])
+        k.update(gain=h["gain"], gain_floors=h["gain_floors"], within_noise=h["within_noise"], check=h["check"])
     hits.sort(key=lambda h: h["gain"], reverse=True)
     conf = confirmation(df)
     if conf is not None:
@@ -912,6 +1185,9 @@ def summarize(df):
         "kept": kept_list,
         "top_hits": hits,
         "confirmation": conf,
+        "refused": {code: int(n) for code, n in df.loc[df["verdict"] == "refused", "flags"]
+                    .str.removeprefix("refused:").value_counts().items()},
+        "by_hand": [r.commit for r in exps.itertuples() if r.rule == "hand"],
     }
 
 
@@ -942,7 +1218,7 @@ def format_report(summary):
     if conf is not None and conf["gain"] is not None:
         lines.append(f"confirmed gain:   {conf['gain']:.6f} (95% interval {conf['ci'][0]:.6f} to {conf['ci'][1]:.6f}; "
                      f"claimed {conf['claimed']:.6f}; {conf['best']} against {conf['baseline']} under seeds "
-                     f"{', '.join(map(str, conf['seeds']))})")
+                     f"{', '.join(map(str, conf['seeds']))})" + heldout_text(conf))
     elif conf is not None:
         lines.append(f"confirmed gain:   not yet ({conf['done']} of {conf['needed']} confirmation runs; "
                      "`uv run analysis.py confirm` says what to run)")
@@ -956,6 +1232,26 @@ def format_report(summary):
             mark = "~" if k.get("within_noise") else " "
             lines.append(f"  {k['experiment']:>4}  {k['commit']:<8} {k['val_bpb']:>9.6f} {k['runs']:>4} {mem:>7} "
                          f"{floors:>6}{mark}  {k['description']}")
+    if s["kept"]:
+        lines += ["", "review (each kept change next to the baseline: median steps, tokens trained in millions, mean "
+                      "training and total seconds, lines of train.py changed against the best before it):",
+                  f"  {'#':>4}  {'commit':<8} {'steps':>6} {'tokens_M':>9} {'train_s':>8} {'total_s':>8} "
+                  f"{'lines':>9}  rule   flags"]
+        for k in s["kept"]:
+            cells = ["-" if k[c] is None else f"{k[c]:.0f}" if c == "steps" else f"{k[c]:.1f}" for c in COSTS]
+            notes = [flag_text(k["flags"])]
+            if k.get("check"):
+                notes.append(f"check this ({k['gain_floors']:.0f} noise floors from one edit)")
+            lines.append(f"  {k['experiment']:>4}  {k['commit']:<8} {cells[0]:>6} {cells[1]:>9} {cells[2]:>8} "
+                         f"{cells[3]:>8} {k.get('lines') or '-':>9}  {k['rule'] or '-':<5}  "
+                         + "; ".join(n for n in notes if n))
+    if s["refused"] or s["by_hand"]:
+        lines.append("")
+    if s["refused"]:
+        lines.append(f"refused runs:     {sum(s['refused'].values())} (" + ", ".join(
+            f"{n} {REFUSALS.get(code, code)}" for code, n in s["refused"].items()) + "), not counted")
+    if s["by_hand"]:
+        lines.append(f"set by hand:      {', '.join(s['by_hand'])} (status set with `mark`, not by the rule)")
     if s["top_hits"]:
         lines += ["", "top hits (val_bpb gain over the previous kept experiment):"]
         for rank, h in enumerate(s["top_hits"], start=1):
@@ -1047,15 +1343,14 @@ def _git(repo_dir, *args):
 
 
 def check_integrity(repo_dir, df):
-    """Checks that no kept commit changed prepare.py or pyproject.toml relative to its parent.
-
-    The first row (the baseline, the main branch's commit) is not an experiment and is not checked.
-    Commits that are not in the repository, or no repository at all, are noted, never an error.
-    Returns {"checked": int, "problems": [str], "notes": [str], "message": str}.
+    """Checks that no kept commit differs from the baseline's commit in any file but train.py (record refuses such
+    runs; this catches rows from elsewhere), and counts the lines of train.py each kept commit changed against the
+    kept commit before it. Commits that are not in the repository, or no repository at all, are noted, never an
+    error. Returns {"checked": int, "problems": [str], "notes": [str], "message": str, "lines": {commit: "+a -d"}}.
     """
-    problems, notes, checked = [], [], 0
+    problems, notes, checked, changed = [], [], 0, {}
     exps = experiments(df)
-    kept = exps[(exps["status"] == "keep") & (exps["val_bpb"] > 0) & (exps["experiment"] > 0)]
+    kept = exps[(exps["status"] == "keep") & (exps["val_bpb"] > 0)]
     try:
         inside = _git(repo_dir, "rev-parse", "--is-inside-work-tree").stdout.strip() == "true"
         why = f"{repo_dir} is not a git repository"
@@ -1065,25 +1360,25 @@ def check_integrity(repo_dir, df):
         inside, why = False, f"{repo_dir} is not a directory"
     if not inside:
         message = f"integrity: not checked ({why})"
-        return {"checked": 0, "problems": [], "notes": [message], "message": message}
-    for commit in kept["commit"]:
+        return {"checked": 0, "problems": [], "notes": [message], "message": message, "lines": {}}
+    base = exps["commit"].iloc[0] if len(exps) else None
+    for before, commit in zip(kept["commit"], kept["commit"].iloc[1:]):
         if not re.fullmatch(r"[0-9a-fA-F]{4,40}", commit):
             notes.append(f"{commit!r} is not a commit hash")
             continue
-        if _git(repo_dir, "cat-file", "-e", f"{commit}^{{commit}}").returncode != 0:
-            notes.append(f"commit {commit} not found in this repository")
-            continue
-        diff = _git(repo_dir, "diff", "--name-only", f"{commit}^", commit)
-        if diff.returncode != 0:
-            notes.append(f"commit {commit} has no parent to compare with")
+        files = _git_lines(repo_dir, "diff", "--name-only", base, commit)
+        if files is None:
+            notes.append(f"commit {commit} or the baseline {base} not found in this repository")
             continue
         checked += 1
-        touched = [f for f in diff.stdout.splitlines() if f in FIXED_FILES]
-        if touched:
-            problems.append(f"commit {commit} changed {', '.join(touched)}")
+        others = [f for f in files if f != EDITABLE]
+        if others:
+            problems.append(f"commit {commit} changed {', '.join(others)}")
+        numstat = _git_lines(repo_dir, "diff", "--numstat", before, commit, "--", EDITABLE) or ["0\t0\t"]
+        changed[commit] = "+{} -{}".format(*numstat[0].split("\t")[:2])
     if problems:
-        message = f"integrity: FAILED ({len(problems)} of {checked} kept commits changed fixed files: " \
-                  + "; ".join(problems) + ")"
+        message = f"integrity: FAILED ({len(problems)} of {checked} kept commits changed files other than " \
+                  f"{EDITABLE} against the baseline: " + "; ".join(problems) + ")"
     elif checked:
         message = f"integrity: ok ({checked} kept commits checked)"
     elif notes:
@@ -1092,7 +1387,7 @@ def check_integrity(repo_dir, df):
         message = "integrity: nothing to check (no kept experiments after the baseline)"
     if notes and checked:
         message += f"; {len(notes)} not checked"
-    return {"checked": checked, "problems": problems, "notes": notes, "message": message}
+    return {"checked": checked, "problems": problems, "notes": notes, "message": message, "lines": changed}
 
 
 # -----------------------------------------------------------------------------
@@ -1142,9 +1437,10 @@ def main(argv=None):
         if not commit:
             return _error("not in a git repository; run from the repository (or give --commit)")
         with open(args.log, encoding="utf-8", errors="replace") as f:
-            summary = parse_log(f.read())
+            text = f.read()
         try:
-            _, verdict = record(args.tsv, summary, commit, args.description, args.rule, confirm=args.confirm)
+            _, verdict = record(args.tsv, parse_log(text), commit, args.description, args.rule, confirm=args.confirm,
+                                receipts=parse_receipts(text), repo=".")
         except RecordError as e:
             return _error(str(e))
         except OSError as e:
@@ -1174,6 +1470,8 @@ def main(argv=None):
         return 0
     summary = summarize(df)
     integrity = check_integrity(os.path.dirname(os.path.abspath(args.tsv)), df)
+    for k in summary["kept"]:
+        k["lines"] = integrity["lines"].get(k["commit"])
     log = sys.stderr if args.json else sys.stdout  # keep stdout pure JSON
 
     if args.json:

@@ -15,16 +15,20 @@ Environment:
     AUTORESEARCH_CACHE_DIR   cache root (default ~/.cache/autoresearch), with data/ and tokenizer/ under it
     HF_ENDPOINT              Hugging Face host or mirror (default https://huggingface.co)
     KERNELS_CACHE, HF_HOME   where the `kernels` package caches kernels (default ~/.cache/huggingface/hub)
+    AUTORESEARCH_TIME_BUDGET, AUTORESEARCH_EVAL_TOKENS   tests only: a shorter run (read once, here)
 """
 
 import argparse
 import atexit
 import bisect
+import hashlib
 import itertools
+import json
 import math
 import os
 import pickle
 import queue
+import subprocess
 import sys
 import threading
 import time
@@ -35,6 +39,7 @@ import numpy as np
 import pyarrow.parquet as pq
 import requests
 import torch
+import torch.nn.functional as F
 import urllib3
 
 # -----------------------------------------------------------------------------
@@ -42,8 +47,12 @@ import urllib3
 
 MAX_SEQ_LEN = 2048            # context length, tokens
 TIME_BUDGET = 300             # training time per experiment, seconds of wall clock
-EVAL_TOKENS = 40 * 524288     # validation tokens evaluated by evaluate_bpb (20,971,520)
+EVAL_TOKENS = 40 * 524288     # validation tokens evaluated by evaluate_bpb on CUDA (20,971,520)
+SMALL_EVAL_TOKENS = 2**17     # ...and on a CPU or Apple MPS, where 20M tokens would take hours (~1 min on 2 cores)
 VOCAB_SIZE = 8192             # tokenizer vocabulary, the 4 special tokens included
+HELDOUT_FROM_SEED = 1000      # a run under a seed from 1000 up (the morning's confirmation) also scores the held-out
+                              # part: the tokens after the scored ones in the validation stream, unseen all night
+CAUSAL_TOLERANCE = 1e-3       # nats: how far a later token may move the loss at an earlier position (numerics only)
 
 CACHE_DIR = os.environ.get("AUTORESEARCH_CACHE_DIR") or os.path.join(os.path.expanduser("~"), ".cache", "autoresearch")
 DATA_DIR = os.path.join(CACHE_DIR, "data")
@@ -518,9 +527,10 @@ class DataLoader:
     A daemon thread reads, tokenizes and packs up to `prefetch` batches ahead of the training loop. Errors in
     it are raised from next(). It stops when the loader is closed or garbage collected."""
 
-    def __init__(self, batches, B, T, device, prefetch=2):
+    def __init__(self, batches, B, T, device, prefetch=2, served=None):
         self.B, self.T, self.device = B, T, torch.device(device)
         self.wait_seconds = 0.0  # time next() spent blocked on the worker (train.py prints it)
+        self._served = served    # the training loader's count of tokens handed out, for the receipt
         self._queue = queue.Queue(maxsize=prefetch)
         self._stop = threading.Event()
         pin = self.device.type == "cuda"  # pinned host memory makes the copy asynchronous
@@ -568,6 +578,9 @@ class DataLoader:
             self.close()
             raise item
         buf, epoch = item
+        if self._served is not None:
+            self._served["first_batch"] = self._served["first_batch"] or time.time()
+            self._served["train_tokens"] += self.B * self.T
         buf = buf.to(self.device, non_blocking=True)
         return buf[:self.B * self.T].view(self.B, self.T), buf[self.B * self.T:].view(self.B, self.T), epoch
 
@@ -589,40 +602,195 @@ def default_device():
 
 
 def make_dataloader(tokenizer, B, T, split, device=None, buffer_size=1000, prefetch=2):
-    """Endless (inputs, targets, epoch) of packed B x T batches from the split ("train" or "val")."""
+    """Endless (inputs, targets, epoch) of packed B x T batches from the split ("train" or "val"). The receipt
+    counts the training tokens it hands out, and notes a loader that reads the validation shard (evaluate_bpb makes
+    its own): nothing in a run reads it but the evaluation."""
     paths = shard_paths(split)
+    if split == "val" or os.path.realpath(_METRIC.val_path) in map(os.path.realpath, paths):
+        _RUN["val_loaders"] += 1
     batches = pack_batches(tokenizer, B, T, _document_batches(paths), buffer_size)
-    return DataLoader(batches, B, T, device or default_device(), prefetch)
+    return DataLoader(batches, B, T, device or default_device(), prefetch, served=_RUN if split == "train" else None)
 
 # -----------------------------------------------------------------------------
-# Evaluation: the one metric
+# Evaluation: the one metric, and a receipt of what it scored
+#
+# The number a night judges is the number measured here, whatever train.py does: evaluate_bpb computes the loss
+# itself from the model's logits, on rows and files fixed when this module is imported (assigning to its attributes
+# from train.py changes nothing it scores), checks that the model does not see later tokens, and prints a receipt
+# that `analysis.py record` checks against the run's summary and the baseline's runs.
 
 
-@torch.no_grad()
-def evaluate_bpb(model, tokenizer, batch_size, eval_tokens=EVAL_TOKENS):
-    """Validation bits per byte: summed cross-entropy (nats) over summed UTF-8 bytes of the target tokens,
-    special tokens excluded. Independent of the vocabulary size, so tokenizers can be compared.
-
-    `model(x, y, reduction="none")` must return the per-token loss in nats. `eval_tokens` stays at EVAL_TOKENS
-    for results comparable with the reference; a smaller value is for small machines only."""
-    device = next(model.parameters()).device
-    token_bytes = get_token_bytes(device)
-    steps = eval_tokens // (batch_size * MAX_SEQ_LEN)
-    assert steps > 0, f"eval_tokens={eval_tokens} is less than one batch of {batch_size} x {MAX_SEQ_LEN} tokens"
-    loader = make_dataloader(tokenizer, batch_size, MAX_SEQ_LEN, "val", device=device)
-    nats, nbytes = [], []  # per-batch sums stay on the device: no host sync per batch
+def _git_state(directory):
+    """(HEAD's full hash, tracked files with uncommitted changes) of the checkout holding `directory`; (None, [])
+    outside git. Read when a run starts: the commit that ran, and whether it was all that ran."""
     try:
-        for _ in range(steps):
-            x, y, _ = next(loader)
-            loss = model(x, y, reduction="none").view(-1).float()
-            b = token_bytes[y.view(-1)]
-            nats.append((loss * (b > 0)).sum())
-            nbytes.append(b.sum())
-    finally:
-        loader.close()
-    total_nats = torch.stack(nats).cpu().double().sum().item()
-    total_bytes = torch.stack(nbytes).cpu().sum().item()
-    return total_nats / (math.log(2) * total_bytes)
+        head = subprocess.run(["git", "-C", directory, "rev-parse", "HEAD"], capture_output=True, text=True,
+                              timeout=10)
+        status = subprocess.run(["git", "-C", directory, "status", "--porcelain", "--untracked-files=no"],
+                                capture_output=True, text=True, timeout=10)
+    except (OSError, subprocess.SubprocessError):
+        return None, []
+    if head.returncode or status.returncode:
+        return None, []
+    return head.stdout.strip(), sorted(line[3:] for line in status.stdout.splitlines())
+
+
+def _file_digest(path):
+    """16 hex digits of a hash of a file's bytes."""
+    h = hashlib.blake2b(digest_size=8)
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 22):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _env_number(name, kind):
+    """A test-only override from the environment, or None when unset."""
+    value = os.environ.get(name)
+    try:
+        return None if value is None else kind(value)
+    except ValueError:
+        raise SystemExit(f"error: {name}={value!r} is not a number (it is for tests only: unset it)") from None
+
+
+# What this run did, for the receipt, from the moment train.py imports this module
+_RUN = dict(run=os.urandom(6).hex(), val_loaders=0, train_tokens=0, first_batch=None)
+_RUN["commit"], _RUN["dirty"] = _git_state(os.path.dirname(os.path.abspath(__file__)))
+
+
+class Metric:
+    """evaluate_bpb with every input fixed when the Metric is made: the sequence length, how many tokens it scores,
+    the validation shard, the tokenizer and its token-byte table, the functions that read and pack them, and this
+    file's hash. train.py uses the one made at import (evaluate_bpb below); tests make their own on their cache."""
+
+    def __init__(self, cache_dir, eval_tokens=None, time_budget=None, heldout=False):
+        self.seq_len, self.tolerance = MAX_SEQ_LEN, CAUSAL_TOLERANCE
+        self._tokens = {"cuda": eval_tokens or EVAL_TOKENS, "small": eval_tokens or SMALL_EVAL_TOKENS}
+        self._budget = float(TIME_BUDGET if time_budget is None else time_budget)
+        self.heldout = heldout
+        self.val_path = os.path.join(cache_dir, "data", VAL_FILENAME)
+        self.tokenizer_dir = os.path.join(cache_dir, "tokenizer")
+        self.source = _file_digest(__file__)
+        self._run, self._tokenizer = _RUN, None
+        self._pack, self._documents, self._loader, self._load_tokenizer = (pack_batches, _document_batches,
+                                                                            DataLoader, Tokenizer.from_directory)
+        self._shard_problem, self._digest = shard_problem, _file_digest
+
+    def time_budget(self):
+        """Seconds of training per run: TIME_BUDGET (tests shorten it)."""
+        return self._budget
+
+    def eval_tokens(self, device_type):
+        """Tokens evaluate_bpb scores for a model on this device type, in whole rows of MAX_SEQ_LEN: EVAL_TOKENS on
+        CUDA, SMALL_EVAL_TOKENS on a CPU or Apple MPS (tests set fewer)."""
+        tokens = self._tokens["cuda" if device_type == "cuda" else "small"]
+        if tokens < self.seq_len:
+            raise SystemExit(f"error: AUTORESEARCH_EVAL_TOKENS={tokens} is less than one sequence of "
+                             f"{self.seq_len} tokens (it is for tests only: unset it)")
+        return tokens // self.seq_len * self.seq_len
+
+    @torch.no_grad()
+    def evaluate_bpb(self, model, tokenizer=None, batch_size=128):
+        """Validation bits per byte of `model`: summed cross-entropy (nats) over the summed UTF-8 bytes of the target
+        tokens, special tokens excluded (independent of the vocabulary size). Scores the first eval_tokens() tokens
+        of the validation stream in rows of MAX_SEQ_LEN, the same rows whatever `batch_size` (rows per forward, for
+        memory; a last partial batch is padded and its padding not scored). `model(x)` must return (B, T, vocab)
+        logits. `tokenizer` is taken for the reference's signature: the cache's tokenizer makes the rows. Prints
+        the receipt; returns val_bpb."""
+        t0 = time.time()
+        device = next(model.parameters()).device
+        rows, T = self.eval_tokens(device.type) // self.seq_len, self.seq_len
+        hint = "run `uv run prepare.py`"
+        problem = self._shard_problem(self.val_path) if os.path.exists(self.val_path) else "missing"
+        if problem:
+            raise DataError(f"validation shard {self.val_path} is {problem}; {hint}.")
+        self._tokenizer = self._tokenizer or self._load_tokenizer(self.tokenizer_dir)
+        table = os.path.join(self.tokenizer_dir, "token_bytes.pt")
+        token_bytes = torch.load(table, map_location="cpu", weights_only=True).to(device)
+        vocab = self._tokenizer.get_vocab_size()
+        digests = {}  # the validation shard's, read in a thread while the model runs
+        reader = threading.Thread(target=lambda: digests.update(val=self._digest(self.val_path)), daemon=True)
+        reader.start()
+        parts = [("val", rows)] + [("heldout", rows)] * self.heldout
+        hashes, stream = {name: hashlib.blake2b(digest_size=8) for name, _ in parts}, {"epoch": 1}
+        loader = self._loader(self._batches(batch_size, parts, hashes, stream), batch_size, T, device)
+        model.eval()  # dropout and the like off: the logits are the model's, not a sample
+        sums, leak = {name: ([], []) for name, _ in parts}, None
+        try:
+            for name, n in parts:
+                for start in range(0, n, batch_size):
+                    k = min(batch_size, n - start)  # scored rows of this batch
+                    x, y, _ = next(loader)
+                    ce = self._loss(model, x, y, vocab)
+                    if leak is None:
+                        leak = self._leak(model, x, y, ce, vocab)
+                    b = token_bytes[y[:k]]
+                    sums[name][0].append((ce[:k] * (b > 0)).sum())  # per-batch sums stay on the device
+                    sums[name][1].append(b.sum())
+        finally:
+            loader.close()
+            reader.join()
+        totals = {name: (torch.stack(n).double().sum().item(), int(torch.stack(b).sum().item()))
+                  for name, (n, b) in sums.items()}
+        bpb = {name: nats / (math.log(2) * nbytes) for name, (nats, nbytes) in totals.items()}
+        first = self._run["first_batch"]
+        receipt = dict(val_bpb=bpb["val"], tokens=rows * T, rows=rows, bytes=totals["val"][1], nats=totals["val"][0],
+                       sum=hashes["val"].hexdigest(), val=digests["val"], table=self._digest(table),
+                       prepare=self.source, seq_len=T, budget=self._budget, batch=batch_size, leak=leak,
+                       causal=leak <= self.tolerance, wrapped=stream["epoch"] > 1, val_loaders=self._run["val_loaders"],
+                       train_tokens=self._run["train_tokens"], wall=round(t0 - first, 2) if first else None,
+                       commit=self._run["commit"], dirty=self._run["dirty"], run=self._run["run"],
+                       seconds=round(time.time() - t0, 2))
+        if self.heldout:
+            receipt["heldout"] = dict(val_bpb=bpb["heldout"], bytes=totals["heldout"][1],
+                                      sum=hashes["heldout"].hexdigest())
+        print("receipt: " + json.dumps(receipt), flush=True)
+        return bpb["val"]
+
+    @staticmethod
+    def _loss(model, x, y, vocab):
+        """(B, T) cross-entropy in nats of the targets under the model's logits, computed here, in float32."""
+        logits = model(x)
+        B, T = x.shape
+        if not isinstance(logits, torch.Tensor) or logits.dim() != 3 or logits.shape[:2] != (B, T) or \
+                logits.size(-1) < vocab:
+            shape = tuple(logits.shape) if isinstance(logits, torch.Tensor) else type(logits).__name__
+            raise SystemExit(f"FAIL: evaluate_bpb needs model(x) to return logits of shape (B, T, vocab) = "
+                             f"({B}, {T}, {vocab}) when called without targets; it returned {shape}")
+        return F.cross_entropy(logits.flatten(0, 1).float(), y.flatten(), reduction="none").view(B, T)
+
+    def _leak(self, model, x, y, ce, vocab):
+        """How far later tokens move the loss at earlier positions: every token from a cut on is replaced (one cut
+        per row, spread over the sequence), and the loss at the 4 positions before each cut is compared, mean
+        absolute change in nats. The same numbers for a causal model (same shapes, deterministic kernels); large for
+        one that sees later tokens, however few (one token ahead moves one position in 4)."""
+        B, T = x.shape
+        pos = torch.arange(T, device=x.device)[None, :]
+        cuts = torch.tensor([T * (r + 1) // (B + 1) for r in range(B)], device=x.device)[:, None]  # (B, 1)
+        changed = self._loss(model, torch.where(pos >= cuts, (x + 1) % vocab, x), y, vocab)
+        before = (pos < cuts) & (pos >= cuts - 4)
+        return (changed - ce).abs()[before].mean().item()
+
+    def _batches(self, B, parts, hashes, stream):
+        """(rows, epoch) for the loader's thread: each part's rows of the validation stream in order, B to a batch,
+        a part's last batch padded with copies of its first row (one shape all through: a compiled model compiles
+        once); the scored rows go into the part's hash."""
+        rows = self._pack(self._tokenizer, 1, self.seq_len, self._documents([self.val_path]))
+        for name, n in parts:
+            for start in range(0, n, B):
+                got = []
+                for _ in range(min(B, n - start)):
+                    row, stream["epoch"] = next(rows)
+                    got.append(row[0])
+                hashes[name].update(np.stack(got).tobytes())
+                yield np.stack(got + got[:1] * (B - len(got))), stream["epoch"]
+
+
+_METRIC = Metric(CACHE_DIR, eval_tokens=_env_number("AUTORESEARCH_EVAL_TOKENS", int),
+                 time_budget=_env_number("AUTORESEARCH_TIME_BUDGET", float),
+                 heldout=(os.environ.get("AUTORESEARCH_SEED") or "").isdigit()
+                 and int(os.environ["AUTORESEARCH_SEED"]) >= HELDOUT_FROM_SEED)
+evaluate_bpb, eval_tokens, time_budget = _METRIC.evaluate_bpb, _METRIC.eval_tokens, _METRIC.time_budget
 
 # -----------------------------------------------------------------------------
 # Attention kernel: Flash Attention 3, fetched once into the local cache of the `kernels` package, so that

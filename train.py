@@ -19,8 +19,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.nn.attention.flex_attention import create_block_mask, flex_attention
 
-from prepare import (EVAL_TOKENS, MAX_SEQ_LEN, TIME_BUDGET, Tokenizer, evaluate_bpb, load_flash_attention_3,
-                     make_dataloader, shard_paths)
+from prepare import (MAX_SEQ_LEN, Tokenizer, eval_tokens, evaluate_bpb, load_flash_attention_3, make_dataloader,
+                     shard_paths, time_budget)
 
 # The device is decided once, here: cuda -> mps -> cpu
 DEVICE_TYPE = "cuda" if torch.cuda.is_available() else "mps" if torch.backends.mps.is_available() else "cpu"
@@ -397,15 +397,14 @@ ADAM_BETAS = (0.8, 0.95)
 WARMUP_RATIO = 0.0         # fraction of the budget with linear lr warm-up
 WARMDOWN_RATIO = 0.5       # fraction of the budget at the end with linear lr decay
 FINAL_LR_FRAC = 0.0        # lr multiplier at the very end
-VAL_TOKENS = EVAL_TOKENS   # validation tokens scored at the end (prepare's fixed 20,971,520 on CUDA)
 SEED = 42                  # initial weights; reruns under other seeds set AUTORESEARCH_SEED (never tune SEED)
 
-# Small machines (Apple MPS, CPU), where one default step takes minutes: a small model and batch and a shorter
-# evaluation keep `uv run train.py` working end to end; val_bpb compares only with runs on the same machine.
+# Small machines (Apple MPS, CPU), where one default step takes minutes: a small model and batch keep
+# `uv run train.py` working end to end (prepare.py scores fewer tokens there); val_bpb compares only with runs on
+# the same machine.
 if DEVICE_TYPE != "cuda":
     DEPTH, ASPECT_RATIO, HEAD_DIM = 2, 64, 64   # width 128, 2 heads, 3.5M parameters
     TOTAL_BATCH_SIZE, DEVICE_BATCH_SIZE = 2**13, 4
-    VAL_TOKENS = 2**17                          # ~1 minute on 2 CPU cores
 
 # -----------------------------------------------------------------------------
 # Setup
@@ -423,8 +422,6 @@ def check_settings():
         problems.append(f"HEAD_DIM={HEAD_DIM} must be a positive even number (rotary embeddings split it in halves)")
     if DEPTH < 1 or ASPECT_RATIO < 1:
         problems.append(f"DEPTH={DEPTH} and ASPECT_RATIO={ASPECT_RATIO} must be positive")
-    if VAL_TOKENS < DEVICE_BATCH_SIZE * MAX_SEQ_LEN:
-        problems.append(f"VAL_TOKENS={VAL_TOKENS} is less than one batch of DEVICE_BATCH_SIZE * MAX_SEQ_LEN")
     if problems:
         raise SystemExit("error: bad setting in train.py: " + "; ".join(problems))
 
@@ -485,9 +482,7 @@ def main():
     global ATTN_BACKEND, fa3
     t_start = time.time()
     check_settings()
-    # tests shorten the run with these two variables; experiments never set them
-    budget = float(os.environ.get("AUTORESEARCH_TIME_BUDGET", TIME_BUDGET))
-    val_tokens = int(os.environ.get("AUTORESEARCH_EVAL_TOKENS", VAL_TOKENS))
+    budget, val_tokens = time_budget(), eval_tokens(DEVICE_TYPE)  # prepare.py's (tests shorten them)
     seed = os.environ.get("AUTORESEARCH_SEED", str(SEED))  # the protocol's reruns; the only source of randomness
     if not seed.lstrip("-").isdigit():
         raise SystemExit(f"error: AUTORESEARCH_SEED={seed!r} must be an integer (unset it to use SEED = {SEED})")
@@ -588,9 +583,8 @@ def main():
     # Evaluation and summary
 
     with autocast:
-        val_bpb = evaluate_bpb(model, tokenizer, DEVICE_BATCH_SIZE, eval_tokens=val_tokens)
+        val_bpb = evaluate_bpb(model, tokenizer, DEVICE_BATCH_SIZE)  # prints prepare.py's receipt of what it scored
     sync()
-    eval_tokens = val_tokens // (DEVICE_BATCH_SIZE * MAX_SEQ_LEN) * DEVICE_BATCH_SIZE * MAX_SEQ_LEN  # whole batches
     steady_mfu = (100 * flops_per_token * TOTAL_BATCH_SIZE * (step - 11) / training_time / peak_flops
                   if peak_flops and training_time > 0 else 0.0)
     print("---")
@@ -605,7 +599,7 @@ def main():
     print(f"depth:            {DEPTH}")
     # the run's conditions, after the reference's nine keys: analysis.py compares only like with like
     for key, value in [("seed", seed), ("attention", ATTN_BACKEND), ("device", gpu or DEVICE_TYPE),
-                       ("init_fingerprint", fingerprint), ("time_budget", f"{budget:g}"), ("eval_tokens", eval_tokens)]:
+                       ("init_fingerprint", fingerprint), ("time_budget", f"{budget:g}"), ("eval_tokens", val_tokens)]:
         print(f"{key + ':':<18}{value}")
 
 

@@ -11,7 +11,9 @@ ratio taken in the same run.
 """
 
 import argparse
+import contextlib
 import gc
+import io
 import os
 import platform
 import re
@@ -218,30 +220,28 @@ class WaitLog(prepare.DataLoader):
 
 
 def bench_eval(model, tokenizer, eval_tokens):
-    """evaluate_bpb as train.py calls it; the loader it makes is captured to read its waits."""
-    loaders, original = [], prepare.make_dataloader
+    """evaluate_bpb as train.py calls it, on a Metric of this cache whose loader keeps its waits."""
+    metric = prepare.Metric(str(WORK / "cache"), eval_tokens=eval_tokens)
+    loaders = []
 
     def capturing(*args, **kwargs):
-        loader = original(*args, **kwargs)
-        loader.__class__, loader.waits = WaitLog, []
+        loader = WaitLog(*args, **kwargs)
+        loader.waits = []
         loaders.append(loader)
         return loader
 
-    prepare.make_dataloader = capturing
-    try:
-        train.sync()
-        t0 = time.perf_counter()
-        with autocast():
-            bpb = prepare.evaluate_bpb(model, tokenizer, train.DEVICE_BATCH_SIZE, eval_tokens=eval_tokens)
-        train.sync()
-        seconds = time.perf_counter() - t0
-    finally:
-        prepare.make_dataloader = original
+    metric._loader = capturing
+    train.sync()
+    t0 = time.perf_counter()
+    with autocast(), contextlib.redirect_stdout(io.StringIO()):  # its receipt
+        bpb = metric.evaluate_bpb(model, tokenizer, train.DEVICE_BATCH_SIZE)
+    train.sync()
+    seconds = time.perf_counter() - t0
     assert len(loaders) == 1, f"evaluate_bpb made {len(loaders)} dataloaders"
     waits = loaders[0].waits
-    steps = eval_tokens // (train.DEVICE_BATCH_SIZE * prepare.MAX_SEQ_LEN)
+    steps = -(-eval_tokens // prepare.MAX_SEQ_LEN // train.DEVICE_BATCH_SIZE)
     assert len(waits) == steps, (len(waits), steps)
-    return dict(tokens=steps * train.DEVICE_BATCH_SIZE * prepare.MAX_SEQ_LEN, seconds=seconds, bpb=bpb,
+    return dict(tokens=eval_tokens // prepare.MAX_SEQ_LEN * prepare.MAX_SEQ_LEN, seconds=seconds, bpb=bpb,
                 wait=sum(waits), first_wait=waits[0], later_wait=sum(waits[1:]))
 
 

@@ -9,6 +9,7 @@ import atexit
 import functools
 import gc
 import http.server
+import json
 import os
 import random
 import shlex
@@ -281,6 +282,17 @@ def train_startup_error(monkeypatch):
 def prepared_cache(prepared_run):
     """A cache made by the real `python prepare.py --num-shards 2` against a local hub (shared, read-only)."""
     return prepared_run["cache"]
+
+
+def receipt_line(val_bpb, **overrides):
+    """A receipt as prepare.py's evaluate_bpb prints it into run.log, for a hand-written log: the same terms of
+    evaluation in every run (tokens, bytes, hashes, budget), a run id of its own, no commit (as outside git)."""
+    receipt = dict(val_bpb=float(val_bpb), tokens=20971520, rows=10240, bytes=89_000_000, nats=6e7, sum="5" * 16,
+                   val="6" * 16, table="7" * 16, prepare="8" * 16, seq_len=2048, budget=300.0, batch=128, leak=0.0,
+                   causal=True, wrapped=False, val_loaders=0, train_tokens=499_646_464, wall=310.0, commit=None,
+                   dirty=[], run=os.urandom(6).hex(), seconds=20.0)
+    return "receipt: " + json.dumps(dict(receipt, **overrides))
+
 
 # -----------------------------------------------------------------------------
 # train.py's model, optimizer and step as train.main runs them, for the benchmarks (tests build small ones)

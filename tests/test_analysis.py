@@ -21,7 +21,7 @@ from pathlib import Path
 import nbformat
 import pytest
 
-from conftest import python
+from conftest import python, receipt_line
 
 ROOT = Path(__file__).resolve().parents[1]
 DATA = Path(__file__).resolve().parent / "data"
@@ -84,7 +84,8 @@ def test_summary_of_example():
     assert [k["commit"] for k in s["kept"]] == ["a1b2c3d", "b2c3d4e", "f6a7b8c", "b8c9d0e", "e1f2a3b", "a3b4c5d",
                                                 "c5d6e7f"]
     assert s["kept"][0] == {"experiment": 0, "commit": "a1b2c3d", "val_bpb": 0.9979, "memory_gb": 44.0,
-                            "runs": 1, "seeds": [], "description": "baseline"}
+                            "runs": 1, "seeds": [], "description": "baseline", "steps": None, "tokens_M": None,
+                            "training_seconds": None, "total_seconds": None, "rule": "", "flags": []}
     assert s["noise"]["floor"] is None  # five columns: no seeds, so no noise measured
 
 
@@ -130,7 +131,8 @@ def test_an_eleven_column_file_takes_new_rows(tmp_path):
                                               "init_fingerprint": "8755c86e41d4", "time_budget": "60",
                                               "eval_tokens": "131072"}, "1234567", "a new idea")
     lines = tsv.read_text().splitlines()
-    assert lines[0].split("\t") == analysis.HEADER and len(lines) == 15 and len(lines[-1].split("\t")) == 13
+    assert lines[0].split("\t") == analysis.HEADER and len(lines) == 15
+    assert len(lines[-1].split("\t")) == len(analysis.HEADER)
     assert load_results(tsv)[1] == [] and verdict["verdict"] in ("keep", "discard", "rerun")
 
 
@@ -261,16 +263,18 @@ def test_cli_json_shape():
             "improvement_abs", "improvement_pct", "improvement_floors", "kept", "top_hits", "confirmation", "warnings",
             "integrity"} <= set(out)
     assert out["n_experiments"] == 6 and out["counts"]["crash"] == 2
-    assert set(out["kept"][0]) == {"experiment", "commit", "val_bpb", "memory_gb", "runs", "seeds", "description"}
-    assert set(out["top_hits"][0]) == {"experiment", "commit", "val_bpb", "memory_gb", "runs", "seeds", "description",
-                                       "gain", "gain_floors", "within_noise"}
+    kept = {"experiment", "commit", "val_bpb", "memory_gb", "runs", "seeds", "description", *analysis.COSTS, "rule",
+            "flags"}
+    assert set(out["kept"][0]) == kept | {"lines"}  # train.py's lines changed, from git (None: not in a repository)
+    assert set(out["top_hits"][0]) == kept | {"gain", "gain_floors", "within_noise", "check"}
     assert set(out["noise"]) == {"floor", "sigma", "dof", "commits", "same_init", "other_init", "device", "attention",
                                  "time_budget", "eval_tokens"}
     assert set(out["noise"]["same_init"]) == {"spread", "dof", "pairs"}
     assert out["n_confirmation_runs"] == 0 and out["confirmation"]["gain"] is None  # a best, not confirmed yet
     assert set(out["confirmation"]) == {"baseline", "best", "seeds", "todo", "done", "needed", "gain", "claimed"}
     assert len(out["warnings"]) == 5
-    assert set(out["integrity"]) == {"checked", "problems", "notes", "message"}
+    assert set(out["integrity"]) == {"checked", "problems", "notes", "message", "lines"}
+    assert out["refused"] == {} and out["by_hand"] == []
 
 
 def test_summary_of_header_only_is_valid_json_with_nulls():
@@ -456,6 +460,11 @@ def test_program_md_has_the_loop_commands_in_bash_blocks():
 SUMMARY = "---\nval_bpb:          {bpb}\ntraining_seconds: 300.1\npeak_vram_mb:     45060.2\nnum_steps:        953\n"
 
 
+def run_log(bpb):
+    """A reference-style run.log (no condition keys) ending in the summary, with prepare.py's receipt before it."""
+    return receipt_line(bpb) + "\n" + SUMMARY.format(bpb=bpb)
+
+
 def record_cli(repo, log, description, *args):
     (repo / "run.log").write_text(log)
     return subprocess.run([*python(), str(ROOT / "analysis.py"), "record", "--description", description, *args],
@@ -463,9 +472,9 @@ def record_cli(repo, log, description, *args):
 
 
 @pytest.mark.parametrize("log, expected", ids=["better", "worse", "equal", "crash"], argvalues=[
-    (SUMMARY.format(bpb="0.990000"), "0.990000\t44.0\tkeep"),       # better than the best keep so far
-    (SUMMARY.format(bpb="0.995000"), "0.995000\t44.0\tdiscard"),    # worse
-    (SUMMARY.format(bpb="0.993200"), "0.993200\t44.0\tdiscard"),    # equal is not better
+    (run_log("0.990000"), "0.990000\t44.0\tkeep"),       # better than the best keep so far
+    (run_log("0.995000"), "0.995000\t44.0\tdiscard"),    # worse
+    (run_log("0.993200"), "0.993200\t44.0\tdiscard"),    # equal is not better
     ("step 00012 (4.0%) | loss 9.1\nTraceback (most recent call last):\nRuntimeError: CUDA out of memory\n",
      "0.000000\t0.0\tcrash"),
 ])
@@ -475,29 +484,62 @@ def test_plain_rule_gives_the_reference_verdicts_on_a_five_column_file(tmp_path,
     repo = tmp_path / "repo"
     repo.mkdir()
     git(repo, "init", "-q")
+    (repo / ".gitignore").write_text("results.tsv\nrun.log\n")
+    base = commit(repo, "baseline", train_py="LR = 0\n")
     head = commit(repo, "x", train_py="LR = 1\n")
-    write_tsv(repo / "results.tsv", "aaaaaaa\t0.997900\t44.0\tkeep\tbaseline", "bbbbbbb\t0.993200\t44.2\tkeep\tlr",
-              "ccccccc\t0.980000\t44.0\tdiscard\tdiscards do not count", "ddddddd\t0.000000\t0.0\tcrash\toom")
+    old = [f"{base}\t0.997900\t44.0\tkeep\tbaseline", "bbbbbbb\t0.993200\t44.2\tkeep\tlr",
+           "ccccccc\t0.980000\t44.0\tdiscard\tdiscards do not count", "ddddddd\t0.000000\t0.0\tcrash\toom"]
+    write_tsv(repo / "results.tsv", *old)
     (repo / "run.log").write_text(log)
     r = subprocess.run([*python(), str(ROOT / "analysis.py"), "record", "--description", "try, this"], cwd=repo,
                        capture_output=True, text=True, timeout=60, env={**os.environ, "AUTORESEARCH_RULE": "plain"})
     assert r.returncode == 0, r.stderr
-    assert r.stdout.split(":")[0] == expected.split("\t")[-1]
+    assert r.stdout.split(":")[0] == expected.split("\t")[-1], r.stdout
     lines = (repo / "results.tsv").read_text().splitlines()
     assert lines[0].split("\t") == analysis.HEADER  # the header gains the condition columns
-    assert lines[1:5] == ["aaaaaaa\t0.997900\t44.0\tkeep\tbaseline", "bbbbbbb\t0.993200\t44.2\tkeep\tlr",
-                          "ccccccc\t0.980000\t44.0\tdiscard\tdiscards do not count",
-                          "ddddddd\t0.000000\t0.0\tcrash\toom"]  # old rows untouched
+    assert lines[1:5] == old  # old rows untouched
     assert lines[-1].split("\t")[:5] == [head, *expected.split("\t"), "try, this"]
     assert load_results(repo / "results.tsv")[1] == []
+
+
+def test_record_names_a_run_that_trained_longer_or_off_the_loader_and_refuses_one_without_a_receipt(tmp_path):
+    """What prepare.py counted of the run itself: a run that spent far more wall clock between its first training
+    batch and the evaluation than the baseline's (seconds left out of the budget?) and one that took no batch from
+    make_dataloader are named; a log without a receipt (evaluate_bpb never ran, or its output was hidden) is refused."""
+    git(tmp_path, "init", "-q")
+    (tmp_path / ".gitignore").write_text("results.tsv*\nrun.log\n")  # the file and its lock, as in this repo
+    write_tsv(tmp_path / "results.tsv")
+    commit(tmp_path, "baseline", train_py="LR = 1\n")
+    log = "seed:             42\n"
+    assert record_cli(tmp_path, receipt_line(0.99) + "\n" + SUMMARY.format(bpb="0.990000") + log, "baseline",
+                      "--rule", "plain").stdout.startswith("keep: baseline")
+    commit(tmp_path, "lr 2", train_py="LR = 2\n")
+    r = record_cli(tmp_path, receipt_line(0.98, wall=1200.0, train_tokens=0) + "\n" + SUMMARY.format(bpb="0.980000")
+                   + log, "lr 2", "--rule", "plain")
+    assert r.stdout.strip().endswith("; flagged for the morning: more wall clock from first batch to evaluation "
+                                     "than the baseline's, no training batch from make_dataloader"), r.stdout
+    commit(tmp_path, "lr 3", train_py="LR = 3\n")
+    r = record_cli(tmp_path, SUMMARY.format(bpb="0.970000") + log, "lr 3", "--rule", "plain")
+    assert r.stdout.startswith("refused: run.log has 0 receipts of evaluate_bpb where one run prints one"), r.stdout
+    rows = load_results(tmp_path / "results.tsv")[0]
+    assert list(rows["verdict"]) == ["keep", "keep", "refused"] and list(rows["flags"]) == ["", "wall,loader",
+                                                                                          "refused:receipt"]
+    report = run_cli("--tsv", tmp_path / "results.tsv").stdout
+    assert "refused runs:     1 (1 without one receipt of evaluate_bpb), not counted" in report, report
+    assert re.search(r"^ +1  \w{7} .* plain  more wall clock from first batch to evaluation than the baseline's, no "
+                     r"training batch from make_dataloader$", report, re.M), report
 
 
 @pytest.mark.parametrize("rule, verdict", [("plain", "keep: baseline"), ("noise", "rerun with seed 42")])  # seedless: 42 is asked
 def test_the_baseline_is_kept_and_under_the_noise_rule_asks_for_its_seeds(tmp_path, rule, verdict):
     write_tsv(tmp_path / "results.tsv")
     git(tmp_path, "init", "-q")
+    (tmp_path / ".gitignore").write_text("results.tsv\nrun.log\n")
     head = commit(tmp_path, "x", train_py="LR = 1\n")
-    r = record_cli(tmp_path, SUMMARY.format(bpb="0.997900"), "baseline", "--rule", rule)
+    log = run_log("0.997900")
+    r = record_cli(tmp_path, log, "baseline", "--rule", rule)
     assert r.returncode == 0 and r.stdout.startswith(verdict), r.stdout + r.stderr
+    receipt = analysis.receipt_field(analysis.parse_receipts(log)[0])
     assert (tmp_path / "results.tsv").read_text() == "\t".join(analysis.HEADER) + "\n" + \
-        f"{head}\t0.997900\t44.0\tkeep\tbaseline\t\t953\t\t\t\t{'keep' if rule == 'plain' else 'rerun'}\t\t\n"
+        f"{head}\t0.997900\t44.0\tkeep\tbaseline\t\t953\t\t\t\t{'keep' if rule == 'plain' else 'rerun'}\t\t\t" \
+        f"300.1\t\t{rule}\t\t{receipt}\n"

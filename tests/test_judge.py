@@ -332,6 +332,35 @@ def test_confirmation_runs_change_no_status_and_give_the_interval(tmp_path):
     assert "confirmed gain:   " in analysis.format_report(s)
 
 
+@pytest.mark.parametrize("held_gain, holds", [(0.012, True), (0.001, False)])
+def test_the_confirmation_shows_the_gain_on_the_held_out_part_and_says_when_it_does_not_hold(tmp_path, held_gain,
+                                                                                              holds):
+    """Confirmation runs (seeds from 1000 up) also score the held-out part of the validation shard, in their
+    receipts: the gain there sits next to the confirmed one; below half of it, the night may have fitted the
+    validation set, and the line says so."""
+    tsv = tmp_path / "results.tsv"
+    play(tmp_path, BASELINE + [("cand000", 0.975, 42), ("cand000", 0.978, 43)])
+    values = {"base000": [1.004, 0.999], "cand000": [0.981, 0.977]}  # a confirmed gain of 0.0225
+    for i, seed in enumerate(analysis.CONFIRM_SEEDS):
+        for commit in ("base000", "cand000"):
+            analysis.record(str(tsv), summary(values[commit][i], seed), commit, confirm=True)
+    lines = tsv.read_text().splitlines()
+    column = analysis.HEADER.index("receipt")
+    for n, line in enumerate(lines):
+        fields = line.split("\t")
+        if fields[analysis.HEADER.index("verdict")] == "confirm":  # as prepare.py scores it under seeds 1001, 1002
+            heldout = 1.05 - held_gain / 2 * (1 if fields[0] == "cand000" else -1)
+            fields[column] = f"heldout={heldout:.6f} hsum=ab"
+            lines[n] = "\t".join(fields)
+    tsv.write_text("\n".join(lines) + "\n")
+    conf = analysis.confirmation(analysis.load_results(tsv)[0])
+    assert conf["gain"] == pytest.approx(0.0225) and conf["heldout_gain"] == pytest.approx(held_gain)
+    assert conf["heldout_holds"] is holds
+    line = analysis.confirmation_line(conf)
+    assert f"; on the held-out part {held_gain:.6f} (95% interval " in line
+    assert line.endswith("the night may have fitted the validation set") is not holds, line
+
+
 def test_with_nothing_kept_there_is_nothing_to_confirm(tmp_path):
     play(tmp_path, BASELINE + [("cand000", 1.004, 42)])
     df = analysis.load_results(tmp_path / "results.tsv")[0]

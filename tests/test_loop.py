@@ -19,14 +19,15 @@ import textwrap
 
 import pytest
 
+import analysis
 from conftest import ROOT, python_shell
 
 TAG = "loop1"
 HEADER = ("commit\tval_bpb\tmemory_gb\tstatus\tdescription\tseed\tnum_steps\tattention\tdevice\tinit_fingerprint"
-          "\tverdict\ttime_budget\teval_tokens\n")
+          "\tverdict\ttime_budget\teval_tokens\ttraining_seconds\ttotal_seconds\trule\tflags\treceipt\n")
 
-# A budget shorter than one step: train.py always runs its uncounted warm-up steps (3 in the copy below), then
-# stops after the first counted one. Every run is then exactly 4 steps on any machine, however busy. Like the real
+# A budget shorter than one step: train.py always runs its uncounted warm-up steps (1 in the copy below), then
+# stops after the first counted one. Every run is then exactly 2 steps on any machine, however busy. Like the real
 # 5 minutes, it is the same for every experiment (an environment variable, not part of train.py).
 TIME_BUDGET = "0.01"
 EVAL_TOKENS = 2048  # one evaluation batch of the scaled-down DEVICE_BATCH_SIZE below (1 x 2048)
@@ -34,9 +35,9 @@ EVAL_TOKENS = 2048  # one evaluation batch of the scaled-down DEVICE_BATCH_SIZE 
 # Appended to train.py's small-machine block and committed on main before the agent starts: this stands for
 # the repo's own train.py, scaled down further so that one experiment takes seconds on a CPU, and started with
 # learning rates 30x too small, so that the agent's first idea (deleting that line) wins by far more than the noise.
-# The copy also leaves 3 steps uncounted instead of 11 (train.py's compile warm-up; nothing compiles on a CPU, and
-# each step of the 8192-token vocabulary costs ~0.6 s here): tests/test_train.py runs the real count.
-WARMUP = ("step > 10", "step > 2")
+# The copy also leaves 1 step uncounted instead of 11 (train.py's compile warm-up; nothing compiles on a CPU, and
+# each step of the 8192-token vocabulary costs ~0.6-1.2 s here): tests/test_train.py runs the real count.
+WARMUP = ("step > 10", "step > 0")
 TINY_SETTINGS = """\
     # tests/test_loop.py: scaled down further, one 2048-token sequence per step, width 64
     DEPTH, ASPECT_RATIO, HEAD_DIM = 2, 32, 32
@@ -307,6 +308,7 @@ def test_agent_follows_program_md_through_the_baseline_a_win_a_loss_a_crash_and_
     said = agent.confirm()
     assert said[0].startswith(f"run {main_head} with seed 1001: confirmation 1 of 4 (the baseline"), said
     assert said[-1].startswith(f"confirmed: best {win} is better than baseline {main_head} by "), said
+    assert "; on the held-out part " in said[-1], said  # the confirmation seeds also score the held-out part
     agent.sh(block("git checkout autoresearch/<tag>"), tag=TAG)
     assert agent.git("branch", "--show-current") == f"autoresearch/{TAG}" and agent.where()[1].split()[0] == win
 
@@ -314,17 +316,23 @@ def test_agent_follows_program_md_through_the_baseline_a_win_a_loss_a_crash_and_
     lines = (repo / "results.tsv").read_text().splitlines(keepends=True)
     assert lines[0] == HEADER and len(lines) == 1 + 4 + 2 + 1 + 1 + 4, lines
     rows = [line.rstrip("\n").split("\t") for line in lines[1:]]
-    assert all(line.endswith("\n") and "\r" not in line and len(row) == 13 for line, row in zip(lines[1:], rows))
+    assert all(line.endswith("\n") and "\r" not in line and len(row) == 18 for line, row in zip(lines[1:], rows))
     assert [r[0] for r in rows] == [main_head] * 4 + [win] * 2 + [loss, broken] + [main_head, win] * 2
     assert [r[3] for r in rows] == ["keep"] * 6 + ["discard", "crash"] + ["keep"] * 4  # confirmations change none
     assert [r[5] for r in rows] == ["42", "43", "44", "45", "42", "43", "42", "42", "1001", "1001", "1002", "1002"]
     assert [r[10] for r in rows] == ["rerun"] * 3 + ["keep", "rerun", "keep", "discard", "crash"] + ["confirm"] * 4
     assert [r[4] for r in rows][-4:] == ["baseline", "learning rates back to the defaults"] * 2  # reused
+    assert [r[15] for r in rows] == ["noise"] * 6 + ["hand"] + ["noise"] * 5  # `mark` sets the loss's status by hand
+    assert all(r[16] == "" for r in rows[:6]), rows  # nothing flagged: the edits touch learning rates only
     for row, result in zip(rows[:7], baseline + won + lost):
         assert re.fullmatch(r"\d+\.\d{6}", row[1]) and row[1] == f"{float(result['summary']['val_bpb']):.6f}", row
         assert row[2] == f"{float(result['summary']['peak_vram_mb']) / 1024:.1f}", row
-        assert row[6] == "4" and row[7:9] == ["sdpa", "cpu"] and re.fullmatch(r"[0-9a-f]{12}", row[9]), row
-        assert row[11:] == [TIME_BUDGET, str(EVAL_TOKENS)], row
+        assert row[6] == "2" and row[7:9] == ["sdpa", "cpu"] and re.fullmatch(r"[0-9a-f]{12}", row[9]), row
+        assert row[11:13] == [TIME_BUDGET, str(EVAL_TOKENS)], row
+        receipt = analysis.parse_receipt_field(row[17])  # prepare.py's, the same terms in every run
+        assert receipt["tokens"] == str(EVAL_TOKENS) and float(receipt["budget"]) == float(TIME_BUDGET), row
+        same = ("bytes", "sum", "val", "table", "prepare")
+        assert {k: receipt[k] for k in same} == {k: analysis.parse_receipt_field(rows[0][17])[k] for k in same}
     assert rows[7][1:3] == ["0.000000", "0.0"]
     # per-name initialisation: the learning-rate edits change no initial weight, so each seed has one fingerprint
     assert rows[0][9] == rows[4][9] == rows[6][9] and rows[1][9] == rows[5][9] and len({r[9] for r in rows[:4]}) == 4

@@ -26,7 +26,7 @@ from importlib.util import find_spec
 import pytest
 
 import analysis
-from conftest import ROOT, python_shell
+from conftest import ROOT, python_shell, receipt_line
 from test_loop import Agent, agent_env, bash_blocks, block, make_repo, set_constant
 
 DOC = "docs/program-multi-gpu.md"
@@ -159,9 +159,12 @@ def edit(agent, commit):
 
 def add_job(agent, sky_state, log, commit, seed, val_bpb):
     """The log the stand-in `sky` serves for `commit` under `seed`: a local run's log (of the same settings) with
-    that seed and val_bpb."""
+    that seed and val_bpb, and a receipt to match (the commit the cluster checked out, a run of its own)."""
     log = re.sub(r"^val_bpb: .*$", f"val_bpb:          {val_bpb:.6f}", log, flags=re.M)
     log = re.sub(r"^seed: .*$", f"seed:             {seed}", log, flags=re.M)
+    receipt = dict(analysis.parse_receipts(log)[0], val_bpb=val_bpb, commit=agent.git("rev-parse", commit),
+                   run=os.urandom(6).hex())
+    log = re.sub(r"^receipt: .*$", lambda m: "receipt: " + json.dumps(receipt), log, flags=re.M)
     (sky_state / "jobs" / f"{agent.git('rev-parse', commit)}-{seed}.log").write_text(log)
 
 
@@ -264,13 +267,14 @@ def test_slots_run_at_once_survive_a_killed_run_merge_the_winner_run_on_skypilot
     assert [r[4] for r in got] == ["baseline", "MATRIX_LR 0.05", "MATRIX_LR 0.03"]
     # the killed run: a crash with its seed (from its start-up line), the file whole
     assert said[2].startswith(f"crash: {killed} has no val_bpb"), said
-    assert got[2] == [killed, "0.000000", "0.0", "crash", "MATRIX_LR 0.03", "42", "", "", "", "", "crash", "", ""]
+    assert got[2] == [killed, "0.000000", "0.0", "crash", "MATRIX_LR 0.03", "42", "", "", "", "", "crash", "", "", "",
+                      "", "plain", "", ""]  # this wave is judged by the plain rule
     assert analysis.load_results(repo / "results.tsv")[1] == []  # no warnings
     got = got[:2]
     for row, s in zip(got, logs):  # each row is its own run's summary, nothing mixed up between the slots
         assert row[1] == f"{float(s['val_bpb']):.6f}" and row[2] == f"{float(s['peak_vram_mb']) / 1024:.1f}", row
-        assert row[5:10] == ["42", "4", "sdpa", "cpu", s["init_fingerprint"]], row
-        assert row[11:] == ["0.01", "2048"], row
+        assert row[5:10] == ["42", "2", "sdpa", "cpu", s["init_fingerprint"]], row
+        assert row[11:13] == ["0.01", "2048"] and row[16] == "" and "sum=" in row[17], row  # no flags; a receipt
     assert got[0][1] != got[1][1]  # two different experiments
     idea_won = float(got[1][1]) < float(got[0][1])  # the plain rule: strictly lower than the best kept
     assert [r[3] for r in got] == ["keep", "keep" if idea_won else "discard"], (got, said)
@@ -453,6 +457,7 @@ def test_a_log_collected_with_sky_logs_records_like_a_local_one(tmp_path):
     local = textwrap.dedent("""\
         torch 2.9.1 | device: cuda (NVIDIA H100 80GB HBM3) | seed: 43 | precision: bf16 autocast | attention: fa3
         step 00953 (100.0%) | loss: 2.912345 | lrm: 0.00 | dt:    318ms | tok/sec: 1,650,000 | mfu:  39.8% | epoch: 1
+        RECEIPT
         ---
         val_bpb:          0.997900
         training_seconds: 300.1
@@ -469,15 +474,19 @@ def test_a_log_collected_with_sky_logs_records_like_a_local_one(tmp_path):
         init_fingerprint: 5d41402abc4b
         time_budget:      300
         eval_tokens:      20971520
-        """)
+        """).replace("RECEIPT", receipt_line(0.9979))
     ray = "".join(f"(autoresearch, pid=4242) {x}\n" for x in local.splitlines())
     slurm = "".join(f"\x1b[36m(autoresearch, pid=4242)\x1b[0m {x}\n" for x in local.splitlines())
     tail = "✓ Job finished (status: SUCCEEDED).\n"
     expected = analysis.make_row(analysis.parse_log(local), "abc1234", "x")
     assert expected[1:4] == ["0.997900", "44.0", "discard"] and expected[5:10] == [
-        "43", "953", "fa3", "NVIDIA H100 80GB HBM3", "5d41402abc4b"] and expected[11:] == ["300", "20971520"]
+        "43", "953", "fa3", "NVIDIA H100 80GB HBM3", "5d41402abc4b"] and expected[11:15] == ["300", "20971520",
+                                                                                            "300.1", "325.9"]
+    receipts = analysis.parse_receipts(local)
+    assert len(receipts) == 1 and receipts[0]["val_bpb"] == 0.9979  # prepare.py's, checked by record
     for collected in (ray + tail, slurm + tail, "Tailing logs of job 3 on cluster 'ar-0'...\n" + ray):
         assert analysis.make_row(analysis.parse_log(collected), "abc1234", "x") == expected
+        assert analysis.parse_receipts(collected) == receipts
     crashed = "".join(f"(autoresearch, pid=4242) {x}\n" for x in local.splitlines()[:2]) + tail
     assert analysis.make_row(analysis.parse_log(crashed), "abc1234", "x")[1:6] == ["0.000000", "0.0", "crash", "x",
                                                                                    "43"]

@@ -7,7 +7,9 @@ Run: uv run pytest tests/test_prepare.py
 
 import functools
 import gc
+import hashlib
 import itertools
+import json
 import math
 import os
 import shutil
@@ -412,7 +414,8 @@ def test_an_error_in_the_producer_is_raised_by_next_with_its_message():
 
 
 class TinyBigram(torch.nn.Module):
-    """Next-token logits from the current token only (rank 16). forward(x, y, reduction) like train.py's GPT."""
+    """Next-token logits from the current token only (rank 16): (B, T, vocab) logits without targets, like train.py's
+    GPT."""
 
     def __init__(self):
         super().__init__()
@@ -420,8 +423,10 @@ class TinyBigram(torch.nn.Module):
         self.embed = torch.nn.Parameter(torch.randn(VOCAB_SIZE, 16, generator=g))
         self.head = torch.nn.Parameter(torch.randn(16, VOCAB_SIZE, generator=g) * 0.5)
 
-    def forward(self, x, y, reduction="mean"):
+    def forward(self, x, y=None, reduction="mean"):
         logits = self.embed[x] @ self.head
+        if y is None:
+            return logits
         return F.cross_entropy(logits.view(-1, VOCAB_SIZE), y.reshape(-1), reduction=reduction)
 
 
@@ -432,25 +437,39 @@ class Uniform(torch.nn.Module):
         super().__init__()
         self.unused = torch.nn.Parameter(torch.zeros(()))
 
-    def forward(self, x, y, reduction="mean"):
-        return torch.full(y.shape, math.log(VOCAB_SIZE))
+    def forward(self, x, y=None, reduction="mean"):
+        return torch.zeros(*x.shape, VOCAB_SIZE)
+
+
+class PeeksAhead(TinyBigram):
+    """A bigram that also sees the next token (a non-causal model): its logits at t depend on x[t + 1]."""
+
+    def forward(self, x, y=None, reduction="mean"):
+        ahead = torch.cat([x[:, 1:], x[:, -1:]], 1)
+        return self.embed[x] @ self.head + 0.5 * self.embed[ahead] @ self.head
 
 
 @pytest.fixture
-def val_setup(prepared_cache, tokenizer, monkeypatch):
-    """prepare pointed at the session's cache; the val batches evaluate_bpb sees with batch_size 2, 2 steps."""
-    monkeypatch.setattr(prepare, "DATA_DIR", str(prepared_cache / "data"))
-    monkeypatch.setattr(prepare, "TOKENIZER_DIR", str(prepared_cache / "tokenizer"))
+def val_setup(prepared_cache, tokenizer):
+    """The val batches evaluate_bpb sees for 2 rows per batch, 2 batches, and the token-byte table."""
     batches = naive_batches(tokenizer, 2, 2048, naive_document_batches([prepared_cache / "data" / VAL_NAME]),
                             min_batches=2)
     token_bytes = torch.load(prepared_cache / "tokenizer" / "token_bytes.pt", weights_only=True)
     return batches, token_bytes.long()
 
 
-EVAL_TOKENS = 2 * 2 * 2048 + 1000  # 2 batches of 2 x 2048 (the remainder is not evaluated)
+EVAL_TOKENS = 2 * 2 * 2048 + 1000  # 4 rows of 2048 tokens (the remainder is not evaluated)
 
 
-def test_evaluate_bpb_equals_hand_computation(tokenizer, val_setup):
+def evaluate(cache, model, batch_size=2, capsys=None, **metric):
+    """evaluate_bpb of a Metric on `cache` (as train.py's, made at import, on its own cache): (val_bpb, receipt)."""
+    bpb = prepare.Metric(cache, **dict(dict(eval_tokens=EVAL_TOKENS), **metric)).evaluate_bpb(model, None, batch_size)
+    out = capsys.readouterr().out if capsys else ""
+    receipts = [json.loads(line[len("receipt: "):]) for line in out.splitlines() if line.startswith("receipt: ")]
+    return bpb, receipts[-1] if receipts else None
+
+
+def test_evaluate_bpb_equals_hand_computation(prepared_cache, val_setup, capsys):
     batches, token_bytes = val_setup
     model = TinyBigram()
     nats = nbytes = 0.0
@@ -462,30 +481,124 @@ def test_evaluate_bpb_equals_hand_computation(tokenizer, val_setup):
         nbytes += b.sum().item()
     expected = nats / (math.log(2) * nbytes)
     before = set(threading.enumerate())
-    assert prepare.evaluate_bpb(model, tokenizer, 2, eval_tokens=EVAL_TOKENS) == pytest.approx(expected, rel=1e-5)
+    bpb, receipt = evaluate(prepared_cache, model, capsys=capsys)
+    assert bpb == pytest.approx(expected, rel=1e-5)
     assert new_dataloader_threads(before) == []  # its loader is closed
+    assert receipt["val_bpb"] == bpb and receipt["tokens"] == 4 * 2048 and receipt["rows"] == 4
+    assert receipt["bytes"] == nbytes and receipt["nats"] == pytest.approx(nats, rel=1e-5)
+    assert receipt["causal"] and receipt["leak"] == 0.0 and receipt["seq_len"] == 2048
+    assert receipt["val"] == prepare._file_digest(prepared_cache / "data" / VAL_NAME)
+    assert receipt["table"] == prepare._file_digest(prepared_cache / "tokenizer" / "token_bytes.pt")
+    assert receipt["prepare"] == prepare._file_digest(prepare.__file__) and "heldout" not in receipt
 
 
-def test_evaluate_bpb_of_a_uniform_model_is_13_bits_per_token_over_bytes_per_token(tokenizer, val_setup):
+def test_evaluate_bpb_of_a_uniform_model_is_13_bits_per_token_over_bytes_per_token(prepared_cache, val_setup):
     batches, token_bytes = val_setup
     targets = torch.cat([y.reshape(-1) for _, y, _ in batches])
     counted = token_bytes[targets] > 0
     assert (targets == BOS_ID).sum() > 0 and not counted[targets == BOS_ID].any()
     expected = 13 * counted.sum().item() / token_bytes[targets].sum().item()  # log2(8192) = 13 bits per token
-    assert prepare.evaluate_bpb(Uniform(), tokenizer, 2, eval_tokens=EVAL_TOKENS) == pytest.approx(expected, rel=1e-6)
+    assert evaluate(prepared_cache, Uniform())[0] == pytest.approx(expected, rel=1e-6)
 
 
-def test_evaluate_bpb_ignores_the_loss_on_special_token_targets(tokenizer, val_setup):
-    batches, _ = val_setup
+def test_evaluate_bpb_does_not_count_special_token_targets(prepared_cache, val_setup):
+    """A model that never predicts BOS (its logit -1e4: a loss of ~1e4 nats on each BOS target) scores as the
+    hand computation that leaves those targets out."""
+    batches, token_bytes = val_setup
     assert sum((y == BOS_ID).sum().item() for _, y, _ in batches) > 0  # documents start mid-row: BOS targets
 
-    class HugeLossOnBos(TinyBigram):
-        def forward(self, x, y, reduction="mean"):
-            return super().forward(x, y, reduction) + 1e4 * (y.reshape(-1) == BOS_ID)
+    class NeverBos(TinyBigram):
+        def forward(self, x, y=None, reduction="mean"):
+            return super().forward(x).index_fill(-1, torch.tensor([BOS_ID]), -1e4)
 
-    plain = prepare.evaluate_bpb(TinyBigram(), tokenizer, 2, eval_tokens=EVAL_TOKENS)
-    penalized = prepare.evaluate_bpb(HugeLossOnBos(), tokenizer, 2, eval_tokens=EVAL_TOKENS)
-    assert penalized == pytest.approx(plain, rel=1e-6)
+    model, nats, nbytes = NeverBos(), 0.0, 0
+    for x, y, _ in batches:
+        ce = F.cross_entropy(model(x).flatten(0, 1).double(), y.flatten(), reduction="none")
+        b = token_bytes[y.flatten()]
+        nats, nbytes = nats + ce[b > 0].sum().item(), nbytes + b.sum().item()
+    assert evaluate(prepared_cache, model)[0] == pytest.approx(nats / (math.log(2) * nbytes), rel=1e-5)
+
+
+def test_evaluate_bpb_scores_the_same_rows_whatever_the_batch_size(prepared_cache, capsys):
+    """The batch is for memory only: the 4 rows are scored at 1 or 3 rows per forward (a last batch of one, padded)
+    with the same tokens and bytes as at 2."""
+    bpb, receipt = evaluate(prepared_cache, TinyBigram(), 2, capsys)
+    for batch_size in (1, 3):
+        other, other_receipt = evaluate(prepared_cache, TinyBigram(), batch_size, capsys)
+        assert other == pytest.approx(bpb, rel=1e-6)
+        same = ("tokens", "bytes", "sum")
+        assert {k: other_receipt[k] for k in same} == {k: receipt[k] for k in same}
+        assert other_receipt["batch"] == batch_size
+
+
+def test_assigning_to_prepare_from_train_py_changes_nothing_evaluate_bpb_scores(prepared_cache, monkeypatch, capsys):
+    """What an agent's train.py might set on the module after importing it: a shorter sequence, fewer tokens,
+    another shard as validation data, a token-byte table counting more bytes, another packer, a looser causality
+    check. The Metric made before (as evaluate_bpb is made when train.py imports prepare) reads none of them."""
+    metric = prepare.Metric(prepared_cache, eval_tokens=EVAL_TOKENS)
+    bpb = metric.evaluate_bpb(TinyBigram(), None, 2)
+    receipt = json.loads(capsys.readouterr().out.split("receipt: ")[-1])
+    for name, value in [("MAX_SEQ_LEN", 512), ("EVAL_TOKENS", 2048), ("SMALL_EVAL_TOKENS", 2048),
+                        ("VAL_FILENAME", "shard_00000.parquet"), ("DATA_DIR", str(prepared_cache / "nowhere")),
+                        ("TOKENIZER_DIR", str(prepared_cache / "nowhere")), ("CAUSAL_TOLERANCE", 1e9),
+                        ("get_token_bytes", lambda *a, **k: torch.full((VOCAB_SIZE,), 100)),
+                        ("pack_batches", lambda *a, **k: iter(())), ("_document_batches", lambda *a, **k: iter(()))]:
+        monkeypatch.setattr(prepare, name, value)
+    assert metric.evaluate_bpb(PeeksAhead(), None, 2) != bpb  # the model is what it scores...
+    assert json.loads(capsys.readouterr().out.split("receipt: ")[-1])["causal"] is False
+    assert metric.evaluate_bpb(TinyBigram(), None, 2) == bpb  # ...and nothing else
+    again = json.loads(capsys.readouterr().out.split("receipt: ")[-1])
+    timing = ("seconds", "wall")  # how long it took, and since the first training batch of this process
+    assert {k: v for k, v in again.items() if k not in timing} == {k: v for k, v in receipt.items() if k not in timing}
+    assert prepare.evaluate_bpb.__self__ is prepare._METRIC and prepare._METRIC.seq_len == 2048
+
+
+def test_a_model_that_sees_later_tokens_is_named_in_the_receipt(prepared_cache, capsys):
+    _, causal = evaluate(prepared_cache, TinyBigram(), capsys=capsys)
+    _, peeks = evaluate(prepared_cache, PeeksAhead(), capsys=capsys)
+    assert causal["causal"] and causal["leak"] == 0.0
+    assert not peeks["causal"] and peeks["leak"] > 10 * prepare.CAUSAL_TOLERANCE  # one token ahead, half weight
+
+
+def test_the_held_out_part_follows_the_scored_rows_and_is_scored_only_when_asked(prepared_cache, tokenizer, capsys):
+    """Under a confirmation seed (prepare reads AUTORESEARCH_SEED >= HELDOUT_FROM_SEED at import) the receipt also
+    scores the 4 rows after the scored ones; the scored part is the same as without."""
+    bpb, receipt = evaluate(prepared_cache, TinyBigram(), capsys=capsys)
+    both, with_heldout = evaluate(prepared_cache, TinyBigram(), capsys=capsys, heldout=True)
+    assert both == bpb and with_heldout["sum"] == receipt["sum"]
+    held = with_heldout["heldout"]
+    assert held["bytes"] > 0 and 0 < held["val_bpb"] < 20
+    val = naive_document_batches([prepared_cache / "data" / VAL_NAME])
+    inputs, targets, _ = naive_batches(tokenizer, 8, 2048, val)[0]
+    stream = torch.cat([inputs, targets[:, -1:]], 1)  # the stream's first 8 rows of 2049 tokens
+    assert receipt["sum"] == hashlib.blake2b(stream[:4].numpy().tobytes(), digest_size=8).hexdigest()
+    assert held["sum"] == hashlib.blake2b(stream[4:].numpy().tobytes(), digest_size=8).hexdigest()
+
+
+def test_a_loader_that_reads_the_validation_shard_is_noted_for_the_receipt(prepared_cache, tokenizer, monkeypatch):
+    """Training on the validation split, directly or by naming another shard as validation data on the module (so
+    that the real one joins the training shards): the receipt counts the loaders that read it."""
+    monkeypatch.setattr(prepare, "DATA_DIR", str(prepared_cache / "data"))
+    monkeypatch.setattr(prepare, "_METRIC", prepare.Metric(prepared_cache))  # train.py's, made on this cache
+    monkeypatch.setitem(prepare._RUN, "val_loaders", 0)
+    prepare.make_dataloader(tokenizer, 1, 64, "train", device="cpu").close()
+    assert prepare._RUN["val_loaders"] == 0
+    monkeypatch.setattr(prepare, "VAL_FILENAME", "shard_00000.parquet")
+    prepare.make_dataloader(tokenizer, 1, 64, "train", device="cpu").close()
+    assert prepare._RUN["val_loaders"] == 1
+    prepare.make_dataloader(tokenizer, 1, 64, "val", device="cpu").close()
+    assert prepare._RUN["val_loaders"] == 2
+
+
+def test_a_model_that_returns_no_logits_stops_the_evaluation_in_one_line(prepared_cache):
+    class LossOnly(TinyBigram):
+        def forward(self, x, y=None, reduction="mean"):
+            return super().forward(x).mean()
+
+    with pytest.raises(SystemExit, match=r"^FAIL: evaluate_bpb needs model\(x\) to return logits of shape "
+                                         r"\(B, T, vocab\) = \(2, 2048, 8192\) when called without targets; it "
+                                         r"returned \(\)$"):
+        evaluate(prepared_cache, LossOnly())
 
 
 # -----------------------------------------------------------------------------

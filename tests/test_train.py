@@ -429,20 +429,15 @@ SUMMARY = [
 CONDITIONS = [("seed", r"-?\d+"), ("attention", r"(?:fa3|flex|sdpa)"), ("device", r".+"),
               ("init_fingerprint", r"[0-9a-f]{12}"), ("time_budget", r"\d+(?:\.\d+)?"), ("eval_tokens", r"\d+")]
 OTHER_SEED = 43
-EVAL_TOKENS = 4 * 2 * 2048 + 1000  # eight one-sequence batches, and a remainder left out
+EVAL_TOKENS = 4 * 2 * 2048 + 1000  # eight rows of 2048 tokens, and a remainder left out
 ONE_THREAD = {"OMP_NUM_THREADS": "1"}  # runs side by side share the 2 cores instead of fighting over them
 
 
 def untrained_val_bpb(cache):
     """val_bpb of the model train.py starts from, scored on the same validation tokens as the run below."""
-    saved = prepare.TOKENIZER_DIR, prepare.DATA_DIR
-    prepare.TOKENIZER_DIR, prepare.DATA_DIR = str(cache / "tokenizer"), str(cache / "data")
-    try:
-        tokenizer = prepare.Tokenizer.from_directory(prepare.TOKENIZER_DIR)
-        model = build_like_main(train.SEED, tokenizer.get_vocab_size())
-        return prepare.evaluate_bpb(model, tokenizer, train.DEVICE_BATCH_SIZE, eval_tokens=EVAL_TOKENS)
-    finally:
-        prepare.TOKENIZER_DIR, prepare.DATA_DIR = saved
+    tokenizer = prepare.Tokenizer.from_directory(str(cache / "tokenizer"))
+    model = build_like_main(train.SEED, tokenizer.get_vocab_size())
+    return prepare.Metric(cache, eval_tokens=EVAL_TOKENS).evaluate_bpb(model, tokenizer, train.DEVICE_BATCH_SIZE)
 
 
 def build_like_main(seed, vocab=8192):
@@ -475,15 +470,14 @@ def seeded_run(prepared_cache, tmp_path_factory):
 @pytest.mark.skipif(torch.cuda.is_available(), reason="the CUDA defaults are too big for a test run")
 def test_train_py_end_to_end_prints_the_summary_block_and_learns(seeded_run, prepared_cache):
     out = seeded_run.stdout
-    assert "attention:" in out and "time budget: 4s" in out and f"eval tokens: {EVAL_TOKENS:,}" in out
+    evaluated = EVAL_TOKENS // prepare.MAX_SEQ_LEN * prepare.MAX_SEQ_LEN  # whole rows only
+    assert evaluated < EVAL_TOKENS
+    assert "attention:" in out and "time budget: 4s" in out and f"eval tokens: {evaluated:,}" in out
     block = out[out.index("\n---\n") + 5:].strip().splitlines()
     assert len(block) == len(SUMMARY) + len(CONDITIONS), block
     for line, (key, value) in zip(block, SUMMARY + CONDITIONS):
         assert re.fullmatch(rf"{key}:\s+{value}", line), line
         assert line.index(line.split()[1]) == 18  # values aligned in one column, as the agent's grep expects
-    batch = 1 * prepare.MAX_SEQ_LEN  # FAST_STEPS: one sequence per micro-batch
-    evaluated = EVAL_TOKENS // batch * batch  # whole batches only
-    assert evaluated < EVAL_TOKENS
     vocab = prepare.Tokenizer.from_directory(str(prepared_cache / "tokenizer")).get_vocab_size()
     assert block[len(SUMMARY):] == [
         f"seed:             {OTHER_SEED}", "attention:        sdpa", f"device:           {train.DEVICE_TYPE}",
@@ -603,9 +597,8 @@ def test_nan_loss_prints_fail_and_exits_non_zero(quick_failures):
 
 # the spec's CUDA values: what check_settings sees on a GPU (the module holds the small-machine ones on a CPU)
 CUDA_SETTINGS = dict(TOTAL_BATCH_SIZE=2**19, DEVICE_BATCH_SIZE=128, WINDOW_PATTERN="SSSL", DEPTH=8, ASPECT_RATIO=64,
-                     HEAD_DIM=128, VAL_TOKENS=prepare.EVAL_TOKENS)
-SMALL_SETTINGS = dict(CUDA_SETTINGS, TOTAL_BATCH_SIZE=2**13, DEVICE_BATCH_SIZE=4, DEPTH=2, HEAD_DIM=64,
-                      VAL_TOKENS=2**17)
+                     HEAD_DIM=128)
+SMALL_SETTINGS = dict(CUDA_SETTINGS, TOTAL_BATCH_SIZE=2**13, DEVICE_BATCH_SIZE=4, DEPTH=2, HEAD_DIM=64)
 
 
 @pytest.mark.parametrize("settings", [CUDA_SETTINGS, SMALL_SETTINGS], ids=["cuda", "small_machine"])
@@ -615,7 +608,6 @@ SMALL_SETTINGS = dict(CUDA_SETTINGS, TOTAL_BATCH_SIZE=2**13, DEVICE_BATCH_SIZE=4
     (dict(WINDOW_PATTERN=""), "WINDOW_PATTERN='' may contain only the letters S and L"),
     (dict(HEAD_DIM=63), "HEAD_DIM=63 must be a positive even number"),
     (dict(DEPTH=0), "DEPTH=0 and ASPECT_RATIO=64 must be positive"),
-    (dict(VAL_TOKENS=6000), "VAL_TOKENS=6000 is less than one batch of DEVICE_BATCH_SIZE * MAX_SEQ_LEN"),
 ])
 def test_each_impossible_setting_is_one_error_line_on_any_machine(monkeypatch, settings, bad, message):
     for name, value in {**settings, **bad}.items():
