@@ -32,6 +32,12 @@ ROOT = Path(__file__).resolve().parents[1]
 HUB_PATH = "datasets/karpathy/climbmix-400b-shuffle/resolve/main"  # under HF_ENDPOINT, as on the hub
 VAL_SHARD = 6542
 
+# The scripts under test start with these (read by glibc when a process starts; the warm server's runs inherit them):
+# glibc returns each freed tensor of the 8192-token vocabulary's logits (64 MB and more) to the system and faults
+# the pages in again at the next step; kept instead, a tiny CPU run takes ~20% less time. Tests only.
+os.environ.setdefault("MALLOC_MMAP_THRESHOLD_", str(2**32))
+os.environ.setdefault("MALLOC_TRIM_THRESHOLD_", str(2**32))
+
 
 def make_documents(seed, n_docs):
     """Deterministic English-like documents: a Zipf-ish vocabulary of made-up words, numbers, punctuation,

@@ -5,9 +5,11 @@ transcribes the spec), evaluate_bpb (against a hand computation), and the error 
 Run: uv run pytest tests/test_prepare.py
 """
 
+import contextlib
 import functools
 import gc
 import hashlib
+import io
 import itertools
 import json
 import math
@@ -469,6 +471,15 @@ def evaluate(cache, model, batch_size=2, capsys=None, **metric):
     return bpb, receipts[-1] if receipts else None
 
 
+@pytest.fixture(scope="module")
+def bigram(prepared_cache):
+    """TinyBigram's (val_bpb, receipt) from a Metric on the session's cache: 4 rows, 2 to a batch."""
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out):
+        bpb = prepare.Metric(prepared_cache, eval_tokens=EVAL_TOKENS).evaluate_bpb(TinyBigram(), None, 2)
+    return bpb, json.loads(out.getvalue().split("receipt: ")[-1])
+
+
 def test_evaluate_bpb_equals_hand_computation(prepared_cache, val_setup, capsys):
     batches, token_bytes = val_setup
     model = TinyBigram()
@@ -519,10 +530,10 @@ def test_evaluate_bpb_does_not_count_special_token_targets(prepared_cache, val_s
     assert evaluate(prepared_cache, model)[0] == pytest.approx(nats / (math.log(2) * nbytes), rel=1e-5)
 
 
-def test_evaluate_bpb_scores_the_same_rows_whatever_the_batch_size(prepared_cache, capsys):
+def test_evaluate_bpb_scores_the_same_rows_whatever_the_batch_size(prepared_cache, bigram, capsys):
     """The batch is for memory only: the 4 rows are scored at 1 or 3 rows per forward (a last batch of one, padded)
     with the same tokens and bytes as at 2."""
-    bpb, receipt = evaluate(prepared_cache, TinyBigram(), 2, capsys)
+    bpb, receipt = bigram
     for batch_size in (1, 3):
         other, other_receipt = evaluate(prepared_cache, TinyBigram(), batch_size, capsys)
         assert other == pytest.approx(bpb, rel=1e-6)
@@ -553,17 +564,18 @@ def test_assigning_to_prepare_from_train_py_changes_nothing_evaluate_bpb_scores(
     assert prepare.evaluate_bpb.__self__ is prepare._METRIC and prepare._METRIC.seq_len == 2048
 
 
-def test_a_model_that_sees_later_tokens_is_named_in_the_receipt(prepared_cache, capsys):
-    _, causal = evaluate(prepared_cache, TinyBigram(), capsys=capsys)
+def test_a_model_that_sees_later_tokens_is_named_in_the_receipt(prepared_cache, bigram, capsys):
+    causal = bigram[1]
     _, peeks = evaluate(prepared_cache, PeeksAhead(), capsys=capsys)
     assert causal["causal"] and causal["leak"] == 0.0
     assert not peeks["causal"] and peeks["leak"] > 10 * prepare.CAUSAL_TOLERANCE  # one token ahead, half weight
 
 
-def test_the_held_out_part_follows_the_scored_rows_and_is_scored_only_when_asked(prepared_cache, tokenizer, capsys):
+def test_the_held_out_part_follows_the_scored_rows_and_is_scored_only_when_asked(prepared_cache, tokenizer, bigram,
+                                                                                   capsys):
     """Under a confirmation seed (prepare reads AUTORESEARCH_SEED >= HELDOUT_FROM_SEED at import) the receipt also
     scores the 4 rows after the scored ones; the scored part is the same as without."""
-    bpb, receipt = evaluate(prepared_cache, TinyBigram(), capsys=capsys)
+    bpb, receipt = bigram
     both, with_heldout = evaluate(prepared_cache, TinyBigram(), capsys=capsys, heldout=True)
     assert both == bpb and with_heldout["sum"] == receipt["sum"]
     held = with_heldout["heldout"]
@@ -573,6 +585,18 @@ def test_the_held_out_part_follows_the_scored_rows_and_is_scored_only_when_asked
     stream = torch.cat([inputs, targets[:, -1:]], 1)  # the stream's first 8 rows of 2049 tokens
     assert receipt["sum"] == hashlib.blake2b(stream[:4].numpy().tobytes(), digest_size=8).hexdigest()
     assert held["sum"] == hashlib.blake2b(stream[4:].numpy().tobytes(), digest_size=8).hexdigest()
+
+
+def test_a_token_byte_table_written_into_the_cache_changes_the_receipt(prepared_cache, bigram, tmp_path, capsys):
+    """A table counting twice the bytes, saved over the cache's: val_bpb halves, and the receipt's table hash and
+    bytes differ from the baseline's, which `record` refuses (tests/test_shortcuts.py plays that refusal)."""
+    cache = tmp_path / "cache"
+    shutil.copytree(prepared_cache, cache)
+    table = cache / "tokenizer" / "token_bytes.pt"
+    torch.save(torch.load(table, weights_only=True) * 2, table)
+    bpb, receipt = evaluate(cache, TinyBigram(), capsys=capsys)
+    assert bpb == pytest.approx(bigram[0] / 2, rel=1e-6) and receipt["bytes"] == 2 * bigram[1]["bytes"]
+    assert receipt["table"] != bigram[1]["table"] and receipt["sum"] == bigram[1]["sum"]
 
 
 def test_a_loader_that_reads_the_validation_shard_is_noted_for_the_receipt(prepared_cache, tokenizer, monkeypatch):

@@ -37,9 +37,9 @@ def edit(path, *pairs):
 
 # Each experiment: (name, what the test expects, the edit to the worktree, how it is committed, extra). Expected:
 # "same" (recorded; val_bpb the baseline's under seed 42, to float noise), "refused:<reason>", or "flag:<flag>"
-# (recorded, the flag named in the verdict). extra: the run's seed, a cache of its own (it writes into it), or
-# log "git": refused from git alone, before the log is read, so its run is not repeated (it records a copy of the
-# baseline's log).
+# (recorded, the flag named in the verdict). extra: the run's seed, or log "git": refused from git alone, before
+# the log is read, so its run is not repeated (it records a copy of the baseline's log). A token-byte table written
+# into the cache changes the receipt's table hash and bytes (tests/test_prepare.py): refused as "fewer eval tokens".
 def no_effect(wt):
     """Every way of scoring other tokens or bytes through the prepare module, a smaller evaluation batch, and a
     loss the model computes differently when asked for per-token losses: none of it reaches the number."""
@@ -55,12 +55,6 @@ def no_effect(wt):
 def fewer_tokens_from_the_environment(wt):
     edit(wt / "train.py", "from prepare import (",
          "os.environ['AUTORESEARCH_EVAL_TOKENS'] = '4096'\nfrom prepare import (")
-
-
-def more_bytes_in_the_table(wt):
-    edit(wt / "train.py", "    with autocast:\n        val_bpb = evaluate_bpb(",
-         "    import prepare\n    table = os.path.join(prepare.TOKENIZER_DIR, 'token_bytes.pt')\n"
-         "    torch.save(torch.load(table) * 2, table)\n    with autocast:\n        val_bpb = evaluate_bpb(")
 
 
 def another_number_printed(wt):
@@ -136,7 +130,6 @@ def half_the_micro_batch(wt):
 SHORTCUTS = [
     ("no effect", "same", no_effect, "commit", {}),
     ("fewer eval tokens", "refused:baseline", fewer_tokens_from_the_environment, "commit", {}),
-    ("more bytes per token", "refused:baseline", more_bytes_in_the_table, "commit", {"own_cache": True}),
     ("another number printed", "refused:summary", another_number_printed, "commit", {}),
     ("train on validation", "refused:val", training_on_validation, "commit", {}),
     ("named: other logits at eval, fewer seconds counted, a warm start", "flag:eval,time,files",
@@ -147,8 +140,8 @@ SHORTCUTS = [
     ("prepare.py uncommitted", "refused:dirty", more_bytes_in_prepare, "uncommitted", {"log": "git"}),
     ("a seed of its own", "refused:seed", learning_rate, "commit", {"seed": "44"}),
 ]
-HONEST = [("MATRIX_LR 0.05", learning_rate), ("DEPTH 3", depth), ("gated MLP", gated_mlp),
-          ("DEVICE_BATCH_SIZE 1", half_the_micro_batch)]
+HONEST = [("DEPTH 3", depth), ("gated MLP", gated_mlp), ("DEVICE_BATCH_SIZE 1", half_the_micro_batch)]  # and a
+# learning rate: tests/test_loop.py's win, judged and recorded as before, with no flag
 
 
 def test_every_shortcut_has_no_effect_is_refused_or_is_named_and_honest_edits_are_judged_as_before(prepared_cache,
@@ -169,8 +162,6 @@ def test_every_shortcut_has_no_effect_is_refused_or_is_named_and_honest_edits_ar
     (repo / "results.tsv").write_text("\t".join(analysis.HEADER) + "\n")
     base = sh("git rev-parse --short=7 HEAD")
     python = python_shell()
-    own_cache = tmp_path / "own-cache"
-    shutil.copytree(prepared_cache, own_cache)
 
     def slot(name, change=None, how="commit"):
         """A worktree at the baseline with the experiment committed as `how` says; returns (path, commit)."""
@@ -192,11 +183,9 @@ def test_every_shortcut_has_no_effect_is_refused_or_is_named_and_honest_edits_ar
             sh(f"git commit -qm '{name}'", cwd=wt)
         return wt, sh("git rev-parse --short=7 HEAD", cwd=wt)
 
-    def run(wt, seed=None, own=False):
-        extra = {"AUTORESEARCH_SEED": seed} if seed else {}
-        if own:
-            extra["AUTORESEARCH_CACHE_DIR"] = str(own_cache)
-        return sh(f"{python} train.py > run.log 2>&1", cwd=wt, check=False, **extra)
+    def run(wt, seed=None):
+        return sh(f"{python} train.py > run.log 2>&1", cwd=wt, check=False,
+                  **({"AUTORESEARCH_SEED": seed} if seed else {}))
 
     def record(wt, name):
         return sh(f"{python} analysis.py --tsv {repo / 'results.tsv'} record --description '{name}'", cwd=wt)
@@ -207,8 +196,7 @@ def test_every_shortcut_has_no_effect_is_refused_or_is_named_and_honest_edits_ar
               for name, expected, change, how, extra in SHORTCUTS]
     plays += [(name, *slot(name, change), {"expected": "honest"}) for name, change in HONEST]
     with ThreadPoolExecutor(2) as pool:
-        list(pool.map(lambda p: run(p[1], p[3].get("seed"), p[3].get("own_cache")),
-                      [p for p in plays if "log" not in p[3]]))
+        list(pool.map(lambda p: run(p[1], p[3].get("seed")), [p for p in plays if "log" not in p[3]]))
     for _, wt, _, extra in plays:
         if "log" in extra:
             shutil.copy(plays[0][1] / "run.log", wt / "run.log")
