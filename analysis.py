@@ -783,15 +783,6 @@ def parse_receipt_field(text):
     return dict(kv.split("=", 1) for kv in (text or "").split() if "=" in kv)
 
 
-def _git_lines(repo, *args):
-    """git's output lines in `repo`, or None when git fails (no repository, an unknown commit)."""
-    try:
-        r = subprocess.run(["git", "-C", repo, *args], capture_output=True, text=True)
-    except OSError:
-        return None
-    return r.stdout.splitlines() if r.returncode == 0 else None
-
-
 def asked_seeds(before, commit, rule, confirm):
     """The seeds a verdict or the confirmation asks `commit` to run under next, from the rows `before` this run."""
     if confirm:
@@ -986,10 +977,7 @@ def record(tsv, summary, commit, description=None, rule="noise", confirm=False, 
         if os.path.exists(tsv):
             with open(tsv, encoding="utf-8", errors="replace") as f:
                 text = f.read().lstrip("\ufeff")
-        lines = text.splitlines()
-        header = lines[0].strip().lower().split("\t") if lines else []
-        if not lines or (header[:5] == COLUMNS and header == HEADER[:len(header)]):  # new, or an older header
-            lines[:1] = ["\t".join(HEADER)]
+        lines = _with_header(text.splitlines())
         before, _ = parse_results("\n".join(lines))
         if description is None:
             known = before.loc[before["commit"] == commit, "description"]
@@ -1033,15 +1021,20 @@ def record(tsv, summary, commit, description=None, rule="noise", confirm=False, 
     return [row[k] for k in HEADER], verdict
 
 
+def _with_header(lines):
+    """`lines` of a results.tsv with this version's header: added to a new file, in place of an older one."""
+    header = lines[0].strip().lower().split("\t") if lines else []
+    if not lines or (header[:5] == COLUMNS and header == HEADER[:len(header)]):
+        lines[:1] = ["\t".join(HEADER)]
+    return lines
+
+
 def mark(tsv, commit, status):
     """Sets the status of every result row of `commit` by hand (the simplicity criterion), under the lock; their
     rule becomes `hand`, which the report shows."""
     with locked(tsv):
         with open(tsv, encoding="utf-8", errors="replace") as f:
-            lines = f.read().lstrip("\ufeff").splitlines()
-        header = lines[0].strip().lower().split("\t")
-        if header[:5] == COLUMNS and header == HEADER[:len(header)]:
-            lines[0] = "\t".join(HEADER)  # an older file gains the rule column
+            lines = _with_header(f.read().lstrip("\ufeff").splitlines())  # an older file gains the rule column
         _set_status(lines, parse_results("\n".join(lines))[0], commit, status, rule="hand")
         _replace(tsv, lines)
 
@@ -1340,6 +1333,15 @@ def plot_progress(df, path):
 
 def _git(repo_dir, *args):
     return subprocess.run(["git", "-C", repo_dir, *args], capture_output=True, text=True)
+
+
+def _git_lines(repo_dir, *args):
+    """git's output lines in `repo_dir`, or None when git fails (no git, no repository, an unknown commit)."""
+    try:
+        r = _git(repo_dir, *args)
+    except OSError:
+        return None
+    return r.stdout.splitlines() if r.returncode == 0 else None
 
 
 def check_integrity(repo_dir, df):
