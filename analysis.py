@@ -9,37 +9,25 @@ Usage:
     uv run analysis.py [--json] [--plot progress.png]          # the report: counts, noise, kept changes, best, confirmed gain
 
 A verdict is one line that starts with what to do: `keep`, `discard`, `rerun with seed N`, `crash` or `refused`.
-The rule (docs/judging.md has the statistics and the benchmark behind the constants):
+The rule is judge.py's; this file finds the runs it weighs in results.tsv:
 
-- The baseline runs under BASELINE_SEEDS. sigma, the seed-to-seed spread of one run, is pooled over every commit that
-  ran under two or more seeds, with its degrees of freedom; the noise floor is sqrt(2) * sigma, how far changing only
-  the seed moves val_bpb between two runs. Every bar below is a normal quantile turned into the Student-t quantile of
-  the same tail probability at the degrees of freedom measured so far, so a noise measured on 3 dof is treated as such.
-- The best is not the mean of its own runs (a commit kept on a lucky run would carry that luck) but an estimate of
-  its true value, a normal carried through the night (track): a kept commit is its parent minus the effect its runs
-  suggest, every discarded commit's runs inform its parent, under a prior over effects learned through the night.
-- A candidate is compared with that estimate: z = (best - candidate) / sqrt(sigma^2 / n_candidate + the best's
-  variance); or seed for seed, when the candidate starts from the baseline's initial weights (equal
-  init_fingerprint), the run spread seed for seed is measured (PAIRED_MIN_DOF) and it gives the tighter test.
-- One run: z >= KEEP_ONE keeps (once sigma has ONE_RUN_KEEP_DOF dof; until then a promising run is rerun),
-  z <= DISCARD_ONE discards, anything between is rerun once under the next seed. Two runs: z >= KEEP_TWO keeps,
-  anything less discards. A kept commit is not rerun.
-- Runs that differ from the best in device, attention kernel, time budget or evaluation tokens are refused. A run whose
-  num_steps is more than STEP_TOLERANCE off the median of its commit's runs (3 or more) is left out, and named.
-- The night's gain is confirmed under CONFIRM_SEEDS, seeds no decision used: confirmation rows change no status.
-  They also score a held-out part of the validation shard; the report says when the gain does not hold there.
-- AUTORESEARCH_RULE=plain (or --rule plain) is the reference's rule: one run, keep if strictly lower than the best kept.
+- Only like with like: a run that differs from the baseline in device, attention kernel, time budget or evaluation
+  tokens is refused. A run whose num_steps is more than STEP_TOLERANCE off the median of its commit's runs is left out
+  only when most of them agree (a cold start); when they do not, the machine's speed swings: every run counts, and
+  the verdicts and the report say so.
+- The best is the commit the branch is at after the last keep (best_commit), for every reader.
+- The night's gain is confirmed under CONFIRM_SEEDS, seeds no decision used; confirmation rows change no status.
+  Under those seeds prepare.py also scores a held-out part of the validation shard, and the report says when the
+  gain does not hold there.
+- AUTORESEARCH_RULE=plain (or --rule plain) is the reference's rule: one run, keep if strictly lower than the best.
 - Before a run counts, `record` checks it against the receipt prepare.py's evaluate_bpb printed into run.log, git and
   the seeds asked for (check_run), refuses what differs, and names what the diff of train.py touches (flags).
 
 Reading is forgiving: messy input gives a warning per bad line instead of a traceback, and the reference's five-column
-files and this project's older files load as they are. analysis.ipynb imports the functions below. The report's
-integrity check runs git in the directory holding the tsv: no kept commit may differ from the baseline's commit in a
-file other than train.py.
+files and this project's older files load as they are. analysis.ipynb imports the functions below.
 """
 
 import argparse
-import functools
 import json
 import math
 import os
@@ -49,7 +37,11 @@ import subprocess
 import sys
 from contextlib import contextmanager
 
+import numpy as np
 import pandas as pd
+
+import judge as rule_
+from judge import BASELINE_SEEDS, SEEDS, Verdict
 
 COLUMNS = ["commit", "val_bpb", "memory_gb", "status", "description"]  # the reference's five, first and in order
 EXTRA = ["seed", "num_steps", "attention", "device", "init_fingerprint", "verdict", "time_budget", "eval_tokens",
@@ -57,29 +49,14 @@ EXTRA = ["seed", "num_steps", "attention", "device", "init_fingerprint", "verdic
 HEADER = COLUMNS + EXTRA  # older files stop after `eval_tokens` (13 columns), `verdict` (11) or `description` (5)
 FROM_SUMMARY = [k for k in EXTRA if k not in ("verdict", "rule", "flags", "receipt")]  # the summary keys a row records
 MATCHED = ("device", "attention", "time_budget", "eval_tokens")  # runs are compared only when these agree
-STATUSES = ("keep", "discard", "crash")
+STATUSES = ("keep", "discard", "crash", "pending")  # pending: a rerun is owed before the commit is decided
 EDITABLE = "train.py"  # the one file that may differ from the baseline's commit
 RULES = ("noise", "plain")
-
-BASELINE_SEEDS = (42, 43, 44, 45)  # the baseline runs under each before any idea is judged (3 dof of noise)
-SEEDS = (42, 43)                   # a candidate's first run, and its one rerun when the verdict asks for it
 CONFIRM_SEEDS = (1001, 1002)  # the morning's confirmation of baseline and best: seeds no decision used; under a seed
                               # from 1000 up, prepare.py also scores the held-out part of the validation shard
 HELDOUT_SHARE = 0.5           # the gain holds on the held-out part when at least this share of it is found there
-# The bars, as normal quantiles (each is used as the t quantile of the same tail probability), and the prior over
-# effects. Tuned for true progress per run with tests/benchmark_decisions.py --seed 1; its default draws (--seed 0)
-# report them.
-KEEP_ONE = 1.8          # z that keeps after one run
-DISCARD_ONE = 1.3       # z at or below which one run discards
-KEEP_TWO = 1.6          # z that keeps after two runs
-ONE_RUN_KEEP_DOF = 5    # dof of sigma before anything is kept on one run: the baseline's 3 and two reruns
-PAIRED_MIN_DOF = 2      # dof of the seed-for-seed run spread before a comparison may use it
-EFFECTS = [i / 2 for i in range(-40, 41)]  # the effects the prior lives on: -20 to +20 sigma, by 0.5
-PRIOR_ZERO = 0.3        # the share of ideas the prior expects to do nothing, before the night teaches it
-PRIOR_WIDTH = 3.0       # the width, in sigma, of the normal the other ideas' effects are drawn from...
-PRIOR_FLAT = 0.6        # ...mixed with this share of a flat prior over EFFECTS, for the rare large effect
-PRIOR_WEIGHT = 10       # the default prior counts as this many experiments; the night's own take over from it
-STEP_TOLERANCE = 0.05   # a run more than 5% off its commit's median num_steps is left out (a cold or busy machine)
+STEP_TOLERANCE = 0.05         # runs of one commit agree in speed when within 5% of their median num_steps
+VERDICT_CHARS = 300           # a verdict line longer than this keeps its decision and leaves the notes to `judge`
 
 # -----------------------------------------------------------------------------
 # Loading
@@ -108,7 +85,7 @@ def parse_results(text):
     """load_results on the text of a results.tsv; `line` counts the lines of `text` from 1, the BOM removed."""
     text = text.lstrip("\ufeff")
     warnings, rows = [], []
-    width = None  # fields per row: 5, 11 or 13
+    width = None  # fields per row: 5, 11, 13 or 18
     for lineno, raw in enumerate(text.splitlines(), start=1):
         line = raw.rstrip("\r")
         if not line.strip():
@@ -144,7 +121,7 @@ def parse_results(text):
             memory_gb = float("nan")
         status = status.lower()
         if status not in STATUSES:
-            warnings.append(f"line {lineno}: unknown status {status!r} (expected keep, discard or crash)")
+            warnings.append(f"line {lineno}: unknown status {status!r} (expected keep, discard, crash or pending)")
         elif status == "keep" and val_bpb <= 0:
             warnings.append(f"line {lineno}: status keep but val_bpb is {val_bpb}; not counted as a result")
         extra = dict(zip(EXTRA, fields[5:]))
@@ -157,49 +134,16 @@ def parse_results(text):
 
 
 # -----------------------------------------------------------------------------
-# Statistics: Student's t without scipy
-
-
-def norm_cdf(x):
-    return 0.5 * math.erfc(-x / math.sqrt(2))
-
-
-def t_cdf(t, dof):
-    """P(T <= t) for Student's t with a whole number of degrees of freedom (Abramowitz & Stegun 26.7.3 and 26.7.4)."""
-    if dof > 1000:
-        return norm_cdf(t)
-    theta = math.atan(t / math.sqrt(dof))
-    c, s = math.cos(theta), math.sin(theta)
-    term = total = c if dof % 2 else 1.0
-    for k in range(3 if dof % 2 else 2, dof - 1, 2):
-        term *= c * c * (k - 1) / k
-        total += term
-    a = 2 / math.pi * (theta + s * total) if dof % 2 and dof > 1 else 2 / math.pi * theta if dof == 1 else s * total
-    return 0.5 + 0.5 * a
-
-
-@functools.lru_cache(maxsize=None)
-def t_ppf(p, dof):
-    """The p quantile of Student's t with `dof` degrees of freedom (bisection on t_cdf)."""
-    lo, hi = -1e4, 1e4
-    for _ in range(100):
-        mid = (lo + hi) / 2
-        lo, hi = (mid, hi) if t_cdf(mid, dof) < p else (lo, mid)
-    return (lo + hi) / 2
-
-
-def bar(z, dof):
-    """The normal quantile `z` as a t quantile at `dof`: the same tail probability, with the noise treated as measured."""
-    return t_ppf(norm_cdf(z), int(dof))
-
-
-# -----------------------------------------------------------------------------
-# The evidence: which runs count, the noise they measure, one comparison
+# The evidence: which runs count, and the night they make
 
 
 def _results(df):
     """Runs with a result that were not refused and are not confirmation runs (the morning's check)."""
     return df[(df["val_bpb"] > 0) & ~df["verdict"].isin(["refused", "confirm"])]
+
+
+def _decisions(df):
+    return df[df["verdict"] != "confirm"]
 
 
 def conditions(row):
@@ -218,432 +162,248 @@ def _describe(row, keys=MATCHED):
     return ", ".join(f"{names[k]} {row[k] or '?'}" + ("s" if k == "time_budget" and row[k] else "") for k in keys)
 
 
-def step_outliers(rows):
-    """{line: note} for runs whose num_steps is more than STEP_TOLERANCE off the median of their commit's runs (a
-    commit with 3 or more runs with num_steps): a cold start or a busy machine, not the change."""
-    by_commit, out = {}, {}
+def best_commit(df, before=None):
+    """The best: the commit the branch is at after the last keep, i.e. the last commit (in order of first appearance)
+    whose runs are kept, of those before `before` (the commit being judged) if given. None before the baseline has a
+    result."""
+    commits = list(dict.fromkeys(_decisions(df)["commit"]))
+    if before in commits:
+        commits = commits[:commits.index(before)]
+    runs = _results(_decisions(df))
+    kept = set(runs.loc[runs["status"] == "keep", "commit"])
+    return next((c for c in reversed(commits) if c in kept), None)
+
+
+def night_conditions(df):
+    """The night's conditions: the baseline's first counted run's (None before it has one)."""
+    runs = _results(_decisions(df))
+    return conditions(runs.iloc[0]) if len(runs) else None
+
+
+def speed(rows):
+    """How fast each commit's runs went: ({line: note} of runs left out, {commit: (min, max) steps} of commits whose
+    runs disagree). A commit's runs agree when more than half of them are within STEP_TOLERANCE of their median
+    num_steps; then the others (three runs or more) are left out: a cold start, a moment of load. When they do not
+    agree, the machine's speed swings and every run counts: none could be called the odd one."""
+    by_commit, out, swings = {}, {}, {}
     for r in rows:
         if r["num_steps"] is not None:
             by_commit.setdefault(r["commit"], []).append(r)
     for commit, runs in by_commit.items():
-        if len(runs) < 3:
-            continue
-        steps = sorted(r["num_steps"] for r in runs)
-        n = len(steps)
-        median = steps[n // 2] if n % 2 else (steps[n // 2 - 1] + steps[n // 2]) / 2
-        for r in runs:
-            if abs(r["num_steps"] - median) > STEP_TOLERANCE * median:
-                out[r["line"]] = (f"line {r['line']} ({commit}, seed {r['seed']}) left out: num_steps {r['num_steps']}"
-                                  f" against the median {median:g} of its {n} runs (a cold start or a busy machine?)")
-    return out
+        steps = [r["num_steps"] for r in runs]
+        median = statistics.median(steps)
+        near = [abs(s - median) <= STEP_TOLERANCE * median for s in steps]
+        if 2 * sum(near) <= len(steps):
+            swings[commit] = (min(steps), max(steps))
+        elif len(steps) >= 3:
+            out.update({r["line"]: f"line {r['line']} (seed {r['seed']}, {r['num_steps']} steps against the median "
+                                   f"{median:g}) left out" for r, ok in zip(runs, near) if not ok})
+    return out, swings
 
 
 def evidence(df, like):
-    """The runs that count, under the conditions `like`: ({commit: {seed: val_bpb}} in order of first appearance,
-    repeats under one seed averaged; {commit: the best kept commit when it first ran}; {line: note} of the runs left out
-    as num_steps outliers; {(commit, seed): init_fingerprint}). A run without a seed (an older file) counts as a seed
-    of its own."""
-    rows = [r for r in _results(df).to_dict("records") if not _differs(r, like)]
-    left_out = step_outliers(rows)
-    values, best_before, last_keep, fingerprints = {}, {}, None, {}
-    for r in _results(df).to_dict("records"):  # the best each commit was compared with: the last kept before it
-        best_before.setdefault(r["commit"], last_keep)
-        last_keep = r["commit"] if r["status"] == "keep" else last_keep
+    """The runs that count under the conditions `like`: {commit: {seed: val_bpb}} in order of first appearance,
+    repeats under one seed averaged; {(commit, seed): init_fingerprint}; {line: note} of the runs left out; the
+    commits whose speed swings; {commit: median num_steps}. A run without a seed (an older file) counts as a seed of
+    its own."""
+    rows = [r for r in _results(_decisions(df)).to_dict("records") if not _differs(r, like)]
+    left_out, swings = speed(rows)
+    values, fingerprints, steps = {}, {}, {}
     for r in rows:
         if r["line"] not in left_out:
             seed = r["seed"] if r["seed"] is not None else f"line {r['line']}"
             values.setdefault(r["commit"], {}).setdefault(seed, []).append(r["val_bpb"])
             fingerprints.setdefault((r["commit"], seed), r["init_fingerprint"])
+            if r["num_steps"] is not None:
+                steps.setdefault(r["commit"], []).append(r["num_steps"])
     values = {c: {s: sum(v) / len(v) for s, v in seeds.items()} for c, seeds in values.items()}
-    return values, best_before, left_out, fingerprints
+    return values, fingerprints, left_out, swings, {c: statistics.median(s) for c, s in steps.items()}
 
 
-def init_kind(fingerprints, commit, best, seeds):
-    """The seed-for-seed pool `commit` belongs to against `best`: "same_init" when it started from the best's initial
-    weights under every one of `seeds` (equal fingerprints), else "other_init"."""
-    same = all(fingerprints.get((commit, s)) and fingerprints.get((commit, s)) == fingerprints.get((best, s))
+def same_init(fingerprints, commit, base, seeds):
+    """Whether `commit` started from `base`'s initial weights under every one of `seeds` (equal fingerprints)."""
+    return all(fingerprints.get((commit, s)) and fingerprints.get((commit, s)) == fingerprints.get((base, s))
                for s in seeds)
-    return "same_init" if same else "other_init"
 
 
-def _mean(xs):
-    xs = list(xs)
-    return sum(xs) / len(xs)
-
-
-def noise(values, best_before, exclude=None, fingerprints=None):
-    """The noise measured by every commit but `exclude` (the one being judged, so its own runs never set the bar).
-
-    sigma: the spread of one run across seeds, pooled over commits with two or more seeds (dof: seeds - 1 each);
-    floor = sqrt(2) * sigma. same_init and other_init: the spread of a seed-for-seed difference between a commit
-    and the best it was compared with, pooled over commits with two or more seeds that all ran on that best, apart
-    for commits that started from the best's initial weights (most hyperparameter edits: equal init_fingerprint) and
-    commits that did not (a module added or reshaped), since the first share more of their noise. A commit whose runs
-    equal the best's under every seed (an edit that changed nothing) measures nothing and is left out."""
-    ss = dof = 0.0
-    n_commits = 0
-    pools = {"same_init": [0.0, 0, 0], "other_init": [0.0, 0, 0]}  # sum of squares, dof, commits
-    for commit, seeds in values.items():
-        if commit == exclude or len(seeds) < 2:
-            continue
-        m = _mean(seeds.values())
-        ss += sum((v - m) ** 2 for v in seeds.values())
-        dof += len(seeds) - 1
-        n_commits += 1
-        best = values.get(best_before.get(commit))
-        if best and set(seeds) <= set(best):
-            d = [best[s] - v for s, v in seeds.items()]
-            if any(d):
-                pool = pools[init_kind(fingerprints or {}, commit, best_before[commit], seeds)]
-                pool[0] += sum((x - _mean(d)) ** 2 for x in d)
-                pool[1] += len(d) - 1
-                pool[2] += 1
-    sigma = math.sqrt(ss / dof) if dof else None
-    out = {"sigma": sigma, "dof": int(dof), "floor": sigma * math.sqrt(2) if sigma is not None else None,
-           "commits": n_commits}
-    for kind, (ss_p, dof_p, n) in pools.items():
-        out[kind] = {"spread": math.sqrt(ss_p / dof_p) if dof_p else None, "dof": dof_p, "pairs": n}
-    return out
-
-
-def with_pool(nz, kind):
-    """The noise with the seed-for-seed pool of `kind` (same_init or other_init) as the one a comparison may use."""
-    pool = nz[kind]
-    return dict(nz, paired_kind=kind, paired_spread=pool["spread"], dof_paired=pool["dof"], pairs=pool["pairs"])
-
-
-def compare(cand, best, nz):
-    """The candidate's seeds against the best's ({seed: val_bpb} each). Returns diff (best - candidate: > 0 when the
-    candidate is better), se, dof, paired, and `shown`, the best's number it was compared with. Seed for seed when
-    the best ran under every candidate seed and that spread is measured and gives the smaller 95% bar."""
-    diff = _mean(best.values()) - _mean(cand.values())
-    se = nz["sigma"] * math.sqrt(1 / len(cand) + 1 / len(best))
-    out = {"diff": diff, "se": se, "dof": nz["dof"], "paired": False, "shown": _mean(best.values())}
-    if set(cand) <= set(best) and nz["dof_paired"] >= PAIRED_MIN_DOF and nz["paired_spread"]:
-        se_p = nz["paired_spread"] / math.sqrt(len(cand))
-        if se_p * t_ppf(0.95, nz["dof_paired"]) < se * t_ppf(0.95, max(nz["dof"], 1)):
-            shown = _mean(best[s] for s in cand)
-            out = {"diff": shown - _mean(cand.values()), "se": se_p, "dof": nz["dof_paired"], "paired": True,
-                   "shown": shown}
-    out["z"] = out["diff"] / out["se"]
-    return out
-
-
-# -----------------------------------------------------------------------------
-# The best's value, estimated through the night
-#
-# A kept commit's runs are not its value: it was kept because they came out low (the winner's curse), and after one
-# run every later candidate would be held to that luck. So the judge carries an estimate of the best's true value, a
-# normal (mu, v), from the baseline's runs on. Each commit's effect g on the commit it was built on gets a posterior
-# over EFFECTS (in units of sigma) under a prior learned through the night; a kept commit's value is its parent's
-# minus g, and a discarded commit's runs, which measure the parent plus g, sharpen the parent's value. Where commits
-# start from the baseline's initial weights, a second estimate follows the best under each of SEEDS (a seed's initial
-# weights move every run under it alike, so seed for seed the comparison is tighter): a 2-d Kalman step per g.
-
-
-def _default_prior():
-    """PRIOR_ZERO of the ideas do nothing; the rest are a normal of width PRIOR_WIDTH sigma mixed with a flat part."""
-    normal = [math.exp(-0.5 * (g / PRIOR_WIDTH) ** 2) for g in EFFECTS]
-    return [PRIOR_ZERO * (g == 0) + (1 - PRIOR_ZERO) * ((1 - PRIOR_FLAT) * w / sum(normal) + PRIOR_FLAT / len(EFFECTS))
-            for g, w in zip(EFFECTS, normal)]
-
-
-def _posterior(prior, log_lik):
-    top = max(log_lik)
-    w = [p * math.exp(ll - top) for p, ll in zip(prior, log_lik)]
-    total = sum(w)
-    return [x / total for x in w]
-
-
-def _paired_step(m, c, tau2, gs, prior, ys, kept):
-    """The best's value under SEEDS, m (2) with covariance c (2x2), after a commit's runs ys {index in SEEDS: val_bpb},
-    each a run spread sqrt(tau2) around its seed's value plus the commit's effect. A Kalman step for each effect g,
-    mixed over the posterior of g and matched back to one normal."""
-    obs = sorted(ys)
-    s = [[c[i][j] + tau2 * (i == j) for j in obs] for i in obs]
-    if len(obs) == 1:
-        s_inv = [[1 / s[0][0]]]
-    else:
-        det = s[0][0] * s[1][1] - s[0][1] * s[1][0]
-        s_inv = [[s[1][1] / det, -s[0][1] / det], [-s[1][0] / det, s[0][0] / det]]
-    k = [[sum(c[r][obs[a]] * s_inv[a][b] for a in range(len(obs))) for b in range(len(obs))] for r in range(2)]
-    c_new = [[c[r][q] - sum(k[r][b] * c[obs[b]][q] for b in range(len(obs))) for q in range(2)] for r in range(2)]
-    means, log_lik = [], []
-    for g in gs:
-        innovation = [ys[i] + g - m[i] for i in obs]
-        log_lik.append(-0.5 * sum(innovation[a] * s_inv[a][b] * innovation[b]
-                                  for a in range(len(obs)) for b in range(len(obs))))
-        new = [m[r] + sum(k[r][b] * innovation[b] for b in range(len(obs))) for r in range(2)]
-        means.append([x - g for x in new] if kept else new)
-    w = _posterior(prior, log_lik)
-    mean = [sum(wi * x[r] for wi, x in zip(w, means)) for r in range(2)]
-    cov = [[c_new[r][q] + sum(wi * (x[r] - mean[r]) * (x[q] - mean[q]) for wi, x in zip(w, means)) for q in range(2)]
-           for r in range(2)]
-    return mean, cov
-
-
-def track(values, kept, fingerprints, exclude=None):
-    """The night up to `exclude` (the commit being judged), commit by commit in order, the first the baseline.
-
-    values {commit: {seed: val_bpb}}, kept (the commits marked keep), fingerprints {(commit, seed): init_fingerprint}.
-    Returns None when the baseline has fewer than two seeds, else a dict: best (the last kept commit), mu and v (its
-    estimated value and variance), sigma and dof (pooled over the commits with two or more seeds, as of `exclude`),
-    experiments (how many commits taught the prior), prior, and paired: None, or the best's value under SEEDS (m, c),
-    the run spread tau2 seed for seed and its dof, for the commits that start from the baseline's initial weights (a
-    kept commit from other weights ends it)."""
+def walk(values, kept, fingerprints, until=None):
+    """The night through judge.py, commit by commit in order, the first the baseline: ({commit: (the night before it,
+    its comparison with the best then)}, the night after the last commit before `until`). (None, None) when the
+    baseline has fewer than two seeds: no noise is measured."""
     commits = list(values)
     base = values[commits[0]]
     if len(base) < 2:
-        return None
-    ss = sum((x - _mean(base.values())) ** 2 for x in base.values())
-    dof = len(base) - 1
-    default = _default_prior()
-    t = {"baseline": commits[0], "best": commits[0], "mu": _mean(base.values()), "v": ss / dof / len(base),
-         "sigma": math.sqrt(ss / dof), "dof": dof, "experiments": 0, "prior": default, "paired": None}
-    diffs = []  # SEEDS[0] - SEEDS[1] of each commit of the family that ran under both: the run spread seed for seed
-    if all(s in base and fingerprints.get((commits[0], s)) for s in SEEDS):
-        diffs.append(base[SEEDS[0]] - base[SEEDS[1]])
-        t["paired"] = {"m": [base[s] for s in SEEDS], "c": [[ss / dof, 0.0], [0.0, ss / dof]]}
-    _paired_spread(t, diffs)
-    seen = [0.0] * len(EFFECTS)
-    for commit in commits[1:]:
-        if commit == exclude:
+        return None, None
+    pair = [base.get(s, np.nan) if fingerprints.get((commits[0], s)) else np.nan for s in SEEDS]
+    night = rule_.start(np.array([list(base.values())]), np.array([pair]))
+    seen = {}
+    for commit in commits[1:] if night.ss[0] > 0 else []:  # no spread: the seed reaches nothing (judge says so)
+        if commit == until:
             break
-        runs, s2 = values[commit], t["sigma"] ** 2
-        n, y, gs = len(runs), _mean(runs.values()), [e * t["sigma"] for e in EFFECTS]
-        is_kept = commit in kept
-        w = _posterior(t["prior"], [-0.5 * (t["mu"] - y - g) ** 2 / (s2 / n + t["v"]) for g in gs])
-        precision = 1 / t["v"] + n / s2
-        parents = [(t["mu"] / t["v"] + (y + g) * n / s2) / precision for g in gs]
-        new = [p - g for p, g in zip(parents, gs)] if is_kept else parents
-        t["mu"] = sum(wi * x for wi, x in zip(w, new))
-        t["v"] = 1 / precision + sum(wi * (x - t["mu"]) ** 2 for wi, x in zip(w, new))
-        p = t["paired"]
-        if p and init_kind(fingerprints, commit, t["baseline"], [s for s in runs if s in SEEDS]) == "same_init":
-            ys = {i: runs[s] for i, s in enumerate(SEEDS) if s in runs}
-            if ys:
-                p["m"], p["c"] = _paired_step(p["m"], p["c"], p["tau2"], gs, t["prior"], ys, is_kept)
-            if len(ys) == 2:
-                diffs.append(runs[SEEDS[0]] - runs[SEEDS[1]])
-        elif p and is_kept:
-            t["paired"] = None  # the best starts from other initial weights now: nothing is seed for seed with it
-        seen = [a + b for a, b in zip(seen, w)]
-        t["experiments"] += 1
-        t["prior"] = [(PRIOR_WEIGHT * d + s) / (PRIOR_WEIGHT + t["experiments"]) for d, s in zip(default, seen)]
-        if n >= 2:
-            ss += sum((x - y) ** 2 for x in runs.values())
-            dof += n - 1
-            t["sigma"], t["dof"] = math.sqrt(ss / dof), dof
-        t["best"] = commit if is_kept else t["best"]
-        _paired_spread(t, diffs)
-    return t
+        runs = values[commit]
+        same = same_init(fingerprints, commit, commits[0], [s for s in runs if s in SEEDS])
+        r = rule_.Runs.of(runs, same)
+        seen[commit] = (night, rule_.compare(night, r))
+        night = rule_.step(night, r, np.array([commit in kept]))
+    return seen, night
 
 
-def _paired_spread(t, diffs):
-    """tau2, one run's spread around its seed's value, from the differences between the two seeds within each commit
-    (the initial weights' part is the same in all of them, so it drops out of their variance); sigma^2 until measured.
-    Never below a millionth of sigma^2: identical differences (edits that change nothing, on a deterministic CPU)
-    would leave the best's covariance singular."""
-    if t["paired"]:
-        dof = len(diffs) - 1
-        var = sum((d - _mean(diffs)) ** 2 for d in diffs) / dof / 2 if dof else t["sigma"] ** 2
-        t["paired"].update(tau2=max(var, 1e-6 * t["sigma"] ** 2), dof=dof)
+def noise_of(night):
+    """The night's noise as every reader shows it: sigma, its dof and the floor; the seed-for-seed run spread and its
+    dof while commits are compared seed for seed (None otherwise)."""
+    if night is None:
+        return {"sigma": None, "dof": 0, "floor": None, "spread": None, "spread_dof": 0}
+    on = bool(night.on[0]) and night.paired_dof[0] >= 1
+    return {"sigma": float(night.sigma[0]), "dof": int(night.dof[0]), "floor": float(night.floor[0]),
+            "spread": float(np.sqrt(night.tau2[0])) if on else None, "spread_dof": int(night.paired_dof[0]) if on else 0}
 
 
-def compare_tracked(cand, t, same_init):
-    """The candidate's runs {seed: val_bpb} against the tracked best: unpaired (error sqrt(sigma^2/n + v)), or seed for
-    seed when it started from the baseline's initial weights, ran only under SEEDS, the run spread has PAIRED_MIN_DOF
-    and that gives the smaller 95% bar. Returns diff (> 0: the candidate is better), se, dof, z, paired, shown."""
-    n, y = len(cand), _mean(cand.values())
-    se = math.sqrt(t["sigma"] ** 2 / n + t["v"])
-    out = {"diff": t["mu"] - y, "se": se, "dof": t["dof"], "paired": False, "shown": t["mu"],
-           "shown_sd": math.sqrt(t["v"])}
-    p = t["paired"]
-    if same_init and p and p["dof"] >= PAIRED_MIN_DOF and set(cand) <= set(SEEDS):
-        obs = [i for i, s in enumerate(SEEDS) if s in cand]
-        var_best = sum(p["c"][i][j] for i in obs for j in obs) / n ** 2
-        se_p = math.sqrt(var_best + p["tau2"] / n)
-        if se_p * t_ppf(0.95, p["dof"]) < se * t_ppf(0.95, max(t["dof"], 1)):
-            shown = _mean(p["m"][i] for i in obs)
-            out = {"diff": shown - y, "se": se_p, "dof": p["dof"], "paired": True, "shown": shown,
-                   "shown_sd": math.sqrt(var_best)}
-    out["z"] = out["diff"] / out["se"]
-    return out
+def the_night(df):
+    """Everything the verdicts and the report read: the night's conditions, evidence, walk and noise."""
+    like = night_conditions(df)
+    if like is None:
+        return None
+    values, fingerprints, left_out, swings, steps = evidence(df, like)
+    kept = set(_results(_decisions(df)).loc[lambda r: r["status"] == "keep", "commit"])
+    seen, night = walk(values, kept, fingerprints) if values else (None, None)
+    return {"like": like, "values": values, "fingerprints": fingerprints, "left_out": left_out, "swings": swings,
+            "steps": steps, "seen": seen or {}, "night": night, "noise": noise_of(night)}
 
 
 # -----------------------------------------------------------------------------
 # Judging one commit
 
 
-def _verdict(verdict, status, line, seed=None, evidence_lines=(), **numbers):
-    return dict(numbers, verdict=verdict, status=status, seed=seed, line=line, evidence=list(evidence_lines))
-
-
-def _best_commit(df, commit):
-    """The best kept commit to compare `commit` with: the last one marked keep in the file, `commit` excluded."""
-    kept = _results(df)
-    kept = kept[(kept["status"] == "keep") & (kept["commit"] != commit)]
-    return kept["commit"].iloc[-1] if len(kept) else None
-
-
-def row_flags(rows):
-    """The flag codes of a commit's rows that were not refused, each once, in order."""
-    codes = ",".join(rows.loc[rows["verdict"] != "refused", "flags"].fillna("")).split(",")
-    return list(dict.fromkeys(c for c in codes if c))
-
-
-def _flagged(rows):
-    """The verdict's tail naming the commit's flags for the morning ('' when there are none)."""
-    text = flag_text(row_flags(rows))
-    return f"; flagged for the morning: {text}" if text else ""
-
-
-def _seeds_text(seeds):
-    return ", ".join(f"{s} {v:.6f}" for s, v in seeds.items())
-
-
 def _plural(n, word):
     return f"{n} {word}{'s' * (n != 1)}"
 
 
-def judge(df, commit=None, rule="noise"):
-    """The verdict for `commit` (default: the commit of the last decision row) from everything in results.tsv.
+def _line(head, notes):
+    """The verdict line: its head, then the notes while it stays within VERDICT_CHARS."""
+    line = head + "".join(f"; {n}" for n in notes)
+    if len(line) > VERDICT_CHARS:
+        line = head + "; more in `uv run analysis.py judge`"
+    return line
 
-    Returns a dict: verdict (keep, discard, rerun, crash or refused), status (what the commit's rows say in
-    results.tsv: keep, discard or crash), seed (the seed to rerun with, or None), line (one line for the agent,
-    starting with what to do), evidence (the lines behind it, for `analysis.py judge`) and the numbers."""
-    df = df[df["verdict"] != "confirm"]
+
+def _speed_note(n, commit, best):
+    """One clause when the machine's speed swings and it touches this verdict (None otherwise): this commit's runs
+    disagree in steps, or its steps differ from the best's."""
+    mine, theirs = n["steps"].get(commit), n["steps"].get(best)
+    if commit in n["swings"]:
+        lo, hi = n["swings"][commit]
+        return f"its runs made {lo}-{hi} steps: the machine's speed swings (see `uv run analysis.py`)"
+    if n["swings"] and mine and theirs and abs(mine - theirs) > STEP_TOLERANCE * max(mine, theirs):
+        return f"{mine:g} steps against the best's {theirs:g}: the machine's speed swings, so this measures it too"
+    return None
+
+
+def judge(df, commit=None, rule="noise"):
+    """The Verdict for `commit` (default: the commit of the last decision row) from everything in results.tsv."""
+    df = _decisions(df)
     if df.empty:
-        return _verdict("refused", "discard", "refused: results.tsv has no runs yet")
+        return Verdict("refused", "discard", "refused: results.tsv has no runs yet")
     commit = commit or df["commit"].iloc[-1]
     mine = df[df["commit"] == commit]
     if mine.empty:
-        return _verdict("refused", "discard", f"refused: commit {commit} has no row in results.tsv")
-    last = mine.iloc[-1]
-    valid = mine[mine["val_bpb"] > 0]
-    status = "keep" if (valid["status"] == "keep").any() else "discard" if len(valid) else "crash"
+        return Verdict("refused", "discard", f"refused: commit {commit} has no row in results.tsv")
+    last, valid = mine.iloc[-1], _results(mine)
+    status = ("keep" if (valid["status"] == "keep").any() else "discard") if len(valid) else "crash"
     if last["val_bpb"] <= 0:
-        return _verdict("crash", status, f"crash: {commit} has no val_bpb (the run crashed or was killed); "
-                                         "read `tail -n 50 run.log`")
+        return Verdict("crash", status, f"crash: {commit} has no val_bpb (the run crashed or was killed); read "
+                                        "`tail -n 50 run.log`")
     seed = _int_or_none(str(last["seed"]))
-
-    if commit == df["commit"].iloc[0]:  # the baseline: every seed of BASELINE_SEEDS first
-        like = conditions(_results(mine).iloc[0]) if len(_results(mine)) else conditions(last)
-        if _differs(last, like):
-            return _verdict("refused", "keep", f"refused: this baseline run used {_describe(last, _differs(last, like))}"
-                                               f", its first run {_describe(like, _differs(last, like))}; fix that and "
-                                               f"rerun with seed {seed}", seed=seed)
-        values, _, left_out, _ = evidence(df, like)
-        mine_values = values.get(commit, {})
-        notes = [left_out[r] for r in mine["line"] if r in left_out]
-        missing = [s for s in BASELINE_SEEDS if s not in mine_values]
+    n = the_night(df)
+    if n is None:
+        return Verdict("refused", status, "refused: no run of this night counts yet (every one was refused)")
+    keys = _differs(last, n["like"])
+    if keys:
+        return Verdict("refused", status, f"refused: this run used {_describe(last, keys)}, the baseline "
+                                          f"{_describe(n['like'], keys)}; not comparable: fix that and rerun with "
+                                          f"seed {seed}", seed=seed)
+    baseline = df["commit"].iloc[0]
+    notes = [n["left_out"][r] for r in mine["line"] if r in n["left_out"]]
+    if commit == baseline:
+        have = n["values"].get(commit, {})
+        missing = [s for s in BASELINE_SEEDS if s not in have]
+        speed_note = _speed_note(n, commit, commit)
         if rule == "noise" and missing:
-            return _verdict("rerun", "keep", f"rerun with seed {missing[0]}: baseline {len(mine_values)} of "
-                                             f"{len(BASELINE_SEEDS)} seeds ({', '.join(map(str, BASELINE_SEEDS))}) to "
-                                             "measure the noise" + "".join(f"; {n}" for n in notes),
-                            seed=missing[0], evidence_lines=notes)
-        nz = noise(values, {})
-        floor = f", noise floor {nz['floor']:.6f} (sigma {nz['sigma']:.6f}, {nz['dof']} dof)" if nz["floor"] else ""
-        return _verdict("keep", "keep", f"keep: baseline {commit} {_mean(mine_values.values()):.6f} "
-                                        f"({_plural(len(mine_values), 'seed')}){floor}" + "".join(f"; {n}" for n in notes),
-                        evidence_lines=notes, **nz)
+            head = (f"rerun with seed {missing[0]}: baseline {len(have)} of {len(BASELINE_SEEDS)} seeds "
+                    f"({', '.join(map(str, BASELINE_SEEDS))}) to measure the noise")
+            return Verdict("rerun", "keep", _line(head, notes[-1:] + [speed_note] * bool(speed_note)),
+                           seed=missing[0], evidence=notes)  # the baseline is the best from its first run on
+        nz = noise_of(walk({commit: have}, set(), n["fingerprints"])[1])
+        head = f"keep: baseline {commit} {np.mean(list(have.values())):.6f} ({_plural(len(have), 'seed')})" + (
+            f", noise floor {nz['floor']:.6f} (sigma {nz['sigma']:.6f}, {nz['dof']} dof)" if nz["floor"] else "")
+        return Verdict("keep", "keep", _line(head, [speed_note] * bool(speed_note) + notes), evidence=notes,
+                       floor=nz["floor"])
 
-    best_commit = _best_commit(df, commit)
-    if best_commit is None:
-        return _verdict("refused", "discard", "refused: no kept result to compare with (the baseline has not run)")
-    like = conditions(_results(df[df["commit"] == best_commit]).iloc[-1])
-    if _differs(last, like):
-        keys = _differs(last, like)
-        return _verdict("refused", status, f"refused: this run used {_describe(last, keys)}, the best {best_commit} "
-                                           f"{_describe(like, keys)}; not comparable: fix that and rerun with seed "
-                                           f"{seed}", seed=seed)
-    if rule == "plain":  # the reference: one run, strictly lower than the best kept val_bpb so far
-        kept = _results(df)
-        best_bpb = kept.loc[(kept["status"] == "keep") & (kept["commit"] != commit), "val_bpb"].min()
-        v = _results(mine)["val_bpb"].iloc[0]
+    best = best_commit(df, commit)
+    if best is None:
+        return Verdict("refused", "discard", "refused: no kept result to compare with (the baseline has not run)")
+    if rule == "plain":  # the reference: one run, strictly lower than the best
+        best_bpb = float(np.mean(list(n["values"][best].values())))
+        v = float(valid["val_bpb"].iloc[0])
         verdict = "keep" if v < best_bpb else "discard"
-        return _verdict(verdict, verdict, f"{verdict}: {commit} {v:.6f} vs best kept {best_bpb:.6f} "
-                                          f"({'better' if v < best_bpb else 'not better'} by {abs(v - best_bpb):.6f}; "
-                                          "plain rule: keep only if strictly lower)" + _flagged(mine))
-
-    values, best_before, left_out, fingerprints = evidence(df, like)
-    nz = noise(values, best_before, exclude=commit, fingerprints=fingerprints)
-    if nz["sigma"] == 0:  # a z over a zero error would be infinite: say what is wrong instead
-        return _verdict("refused", status, "refused: every commit's runs under different seeds scored exactly the same,"
-                                           " so the seed does not reach the initial weights (check AUTORESEARCH_SEED "
-                                           "and SEED in train.py); nothing can be judged")
-    kept = set(_results(df).loc[lambda r: r["status"] == "keep", "commit"])
-    t = track(values, kept, fingerprints, exclude=commit) if values else None
-    if t is None:
-        return _verdict("refused", status, f"refused: no noise measured yet; rerun the baseline "
-                                           f"{df['commit'].iloc[0]} under seeds {', '.join(map(str, BASELINE_SEEDS))} "
-                                           "first")
-    cand, best = values.get(commit, {}), values[best_commit]
-    notes = [left_out[r] for r in mine["line"] if r in left_out]
-    steps = [int(s) for s in _results(mine)["num_steps"] if s is not None]
-    if len(steps) == 2 and abs(steps[0] - steps[1]) > STEP_TOLERANCE * max(steps):
-        notes.append(f"its two runs made {steps[0]} and {steps[1]} steps (a cold start or a busy machine?)")
+        return Verdict(verdict, verdict, _line(f"{verdict}: {commit} {v:.6f} vs best {best} {best_bpb:.6f} "
+                                               f"({'better' if v < best_bpb else 'not better'} by {abs(v - best_bpb):.6f}"
+                                               "; plain rule: keep only if strictly lower)", flags_note(mine)),
+                       best=best, diff=best_bpb - v)
+    cand = n["values"].get(commit, {})
+    if n["night"] is None:
+        return Verdict("refused", status, f"refused: no noise measured yet; rerun the baseline {baseline} under "
+                                          f"seeds {', '.join(map(str, BASELINE_SEEDS))} first")
+    if n["noise"]["sigma"] == 0:  # a z over a zero error would be infinite: say what is wrong instead
+        return Verdict("refused", status, "refused: every commit's runs under different seeds scored exactly the "
+                                          "same, so the seed does not reach the initial weights (check "
+                                          "AUTORESEARCH_SEED and SEED in train.py); nothing can be judged")
     if not cand:
-        return _verdict("rerun", status, f"rerun with seed {seed}: every run of {commit} was left out; "
-                                         + "; ".join(notes), seed=seed, evidence_lines=notes)
-    p = t["paired"]
-    same_init = bool(p) and init_kind(fingerprints, commit, t["baseline"], cand) == "same_init"
-    c = compare_tracked(cand, t, same_init)
-    z, dof = c["z"], c["dof"]
+        return Verdict("rerun", "pending", _line(f"rerun with seed {seed}: every run of {commit} was left out", notes),
+                       seed=seed, evidence=notes)
+    night, c = n["seen"][commit]
+    z, dof, diff = float(c.z[0]), float(c.dof[0]), float(c.diff[0])
+    verdict = str(rule_.decide(night, rule_.Runs.of(cand), c)[0])
+    floor = float(night.floor[0])
+    one_run = len(cand) == 1
+    keep_at = float(rule_.bar(rule_.KEEP_ONE if one_run else rule_.KEEP_TWO, dof))
+    bars = (f"keep at >= {keep_at:.2f}, discard at <= {float(rule_.bar(rule_.DISCARD_ONE, dof)):.2f}" if one_run
+            else f"keep at >= {keep_at:.2f}")
     next_seed = next((s for s in SEEDS if s not in cand), None)
-    keep_one, discard_one, keep_two = bar(KEEP_ONE, dof), bar(DISCARD_ONE, dof), bar(KEEP_TWO, dof)
-    one_run_ok = t["dof"] >= ONE_RUN_KEEP_DOF
+    action = verdict
     if status == "keep":  # kept already (by hand, with mark): it stays kept
-        verdict, action, bars = "keep", "keep", "kept by hand"
-    elif len(cand) == 1 and next_seed is not None:
-        bars = f"one run: keep at z >= {keep_one:.2f}, discard at <= {discard_one:.2f}"
-        if z >= keep_one and one_run_ok:
-            verdict, action = "keep", "keep"
-        elif z <= discard_one:
-            verdict, action = "discard", "discard"
-        else:
-            verdict, action = "rerun", f"rerun with seed {next_seed}: " + (
-                "undecided" if z < keep_one else f"promising, but nothing is kept on one run before sigma has "
-                                                 f"{ONE_RUN_KEEP_DOF} dof ({t['dof']} so far)")
-    else:
-        bars = f"{_plural(len(cand), 'run')}: keep at z >= {keep_two:.2f}"
-        verdict = action = "keep" if z >= keep_two else "discard"
-    status = "keep" if verdict == "keep" else "discard"
-    floor = math.sqrt(2) * t["sigma"]
-    seeds_text = f"seed{'s' * (len(cand) > 1)} {', '.join(map(str, cand))}"
-    shown = (f"{c['shown']:.6f} (estimated under {seeds_text}, sd {c['shown_sd']:.6f}, seed for seed)" if c["paired"]
-             else f"{c['shown']:.6f} (estimated, sd {c['shown_sd']:.6f})")
-    error = (f"seed for seed, run spread {math.sqrt(p['tau2']):.6f}" if c["paired"] else f"sigma {t['sigma']:.6f}")
-    line = (f"{action}: {commit} {_mean(cand.values()):.6f} ({_plural(len(cand), 'seed')}) vs best {best_commit} "
-            f"{shown}: {'better' if c['diff'] > 0 else 'worse' if c['diff'] < 0 else 'equal'} by {abs(c['diff']):.6f}"
-            f" = {abs(c['diff']) / floor:.1f} noise floors, z {z:+.2f} ({bars}; {error}, {dof} dof)"
-            + "".join(f"; {n}" for n in notes))
-    if verdict == "keep" and c["diff"] > IMPLAUSIBLE_FLOORS * floor:
-        line += f"; check this: {c['diff'] / floor:.0f} noise floors is a lot for one edit"
-    line += _flagged(mine)
-    kind_text = "from the baseline's initial weights" if same_init else "from other initial weights"
-    ev = [f"candidate {commit} ({kind_text}): seed {_seeds_text(cand)}",
-          f"best {best_commit}: seed {_seeds_text(best)} (mean {_mean(best.values()):.6f})",
-          f"best estimated from {_plural(t['experiments'] + 1, 'commit')} (a kept commit's runs carry its luck; every "
-          f"commit's runs inform it): {t['mu']:.6f}, sd {math.sqrt(t['v']):.6f}" +
-          (f"; seed for seed, under {_seeds_text(dict(zip(SEEDS, p['m'])))}" if p else ""),
-          f"error: {c['se']:.6f} = " + (f"sqrt(the best's sd under {seeds_text} {c['shown_sd']:.6f}^2 + run spread "
-                                        f"{math.sqrt(p['tau2']):.6f}^2 / {len(cand)}); the run spread from each "
-                                        f"commit's seed-{SEEDS[0]}-minus-{SEEDS[1]} difference, {p['dof']} dof"
-                                        if c["paired"] else
-                                        f"sqrt(sigma {t['sigma']:.6f}^2 / {len(cand)} + the best's sd "
-                                        f"{math.sqrt(t['v']):.6f}^2); sigma pooled over the commits with two or more "
-                                        f"seeds, {t['dof']} dof"),
-          f"noise floor {floor:.6f} (sqrt(2) * sigma); seed for seed: " +
-          ("not for this candidate (" + ("it starts from other initial weights" if p else
-                                         "the best starts from other initial weights than the baseline") + ")"
-           if not same_init else f"run spread {math.sqrt(p['tau2']):.6f} on {p['dof']} dof" +
-           ("" if c["paired"] else f" (used once it has {PAIRED_MIN_DOF} dof and gives the tighter test)")),
-          f"bars at {dof} dof (normal {KEEP_ONE}, {DISCARD_ONE}, {KEEP_TWO} as t quantiles): one run keep z >= "
-          f"{keep_one:.2f}" + ("" if one_run_ok else f" (once sigma has {ONE_RUN_KEEP_DOF} dof)") +
-          f", discard z <= {discard_one:.2f}; two runs keep z >= {keep_two:.2f}"] + notes
-    return _verdict(verdict, status, line, seed=next_seed if verdict == "rerun" else None, evidence_lines=ev,
-                    best_commit=best_commit, shares_init=same_init, tracked=t, sigma=t["sigma"], floor=floor, **c)
+        verdict = action = "keep"
+        bars = "kept by hand"
+    elif verdict == "rerun":
+        action = f"rerun with seed {next_seed}: " + (
+            "undecided" if z < keep_at else f"promising, but nothing is kept on one run before sigma has "
+                                            f"{rule_.ONE_RUN_KEEP_DOF} dof ({night.dof[0]:g} so far)")
+    head = (f"{action}: {commit} {np.mean(list(cand.values())):.6f} ({_plural(len(cand), 'seed')}) vs best {best} "
+            f"{c.shown[0]:.6f}{' seed for seed' if c.paired[0] else ''}: "
+            f"{'better' if diff > 0 else 'worse' if diff < 0 else 'equal'} by {abs(diff):.6f} = "
+            f"{abs(diff) / floor:.1f} noise floors, z {z:+.2f} ({bars})")
+    speed_note = _speed_note(n, commit, best)
+    notes = ([f"{_plural(len(notes), 'run')} left out (other step counts)"] if notes else []) + \
+        [speed_note] * bool(speed_note)
+    if verdict == "keep" and diff > IMPLAUSIBLE_FLOORS * floor:
+        notes.append(f"check this: {diff / floor:.0f} noise floors is a lot for one edit")
+    ev = [f"candidate {commit}: " + ", ".join(f"seed {s} {v:.6f}" for s, v in cand.items()),
+          f"best {best}: " + ", ".join(f"seed {s} {v:.6f}" for s, v in n["values"][best].items())
+          + f"; estimated {night.mu[0]:.6f} (sd {np.sqrt(night.v[0]):.6f}) from {_plural(night.experiments + 1, 'commit')}"
+            " (a kept commit's runs carry its luck; every commit's runs inform the estimate)",
+          f"error {c.se[0]:.6f}: " + (f"seed for seed, the best under these seeds sd {c.shown_sd[0]:.6f} and a run's "
+                                     f"spread {np.sqrt(night.tau2[0]):.6f} ({night.paired_dof[0]:g} dof)" if c.paired[0]
+                                     else f"sqrt(sigma {night.sigma[0]:.6f}^2 / {len(cand)} + the best's sd "
+                                          f"{np.sqrt(night.v[0]):.6f}^2), sigma on {night.dof[0]:g} dof"),
+          f"noise floor {floor:.6f} (sqrt(2) * sigma); bars at {dof:g} dof: one run keep z >= "
+          f"{float(rule_.bar(rule_.KEEP_ONE, dof)):.2f}" + ("" if night.dof[0] >= rule_.ONE_RUN_KEEP_DOF else
+                                                            f" (once sigma has {rule_.ONE_RUN_KEEP_DOF} dof)")
+          + f", discard z <= {float(rule_.bar(rule_.DISCARD_ONE, dof)):.2f}; two runs keep z >= "
+            f"{float(rule_.bar(rule_.KEEP_TWO, dof)):.2f}"]
+    ev += [n["left_out"][r] for r in mine["line"] if r in n["left_out"]]
+    ev += [f"the machine's speed swings: {c_}'s runs made {lo}-{hi} steps" for c_, (lo, hi) in n["swings"].items()]
+    return Verdict(verdict, "pending" if verdict == "rerun" else "keep" if verdict == "keep" else "discard",
+                   _line(head, notes + flags_note(mine)), seed=next_seed if verdict == "rerun" else None,
+                   evidence=ev, best=best, diff=diff, z=z, floor=floor, paired=bool(c.paired[0]))
 
 
 # -----------------------------------------------------------------------------
@@ -651,47 +411,54 @@ def judge(df, commit=None, rule="noise"):
 
 
 def confirmation(df):
-    """The morning's check: the baseline and the best kept commit, each under every seed of CONFIRM_SEEDS.
+    """The morning's check: the baseline and the best, each under every seed of CONFIRM_SEEDS.
 
     Returns None when there is nothing to confirm (no change kept), else a dict: baseline, best, todo [(commit,
-    seed)] in the order to run them, done (how many runs there are), and once every run is in: gain (baseline mean -
-    best mean over the confirmation runs), se, dof, ci (95% interval), paired."""
-    decisions = df[df["verdict"] != "confirm"]
+    seed)] in the order to run them, done, needed, and once every run is in: gain (baseline mean - best mean over the
+    confirmation runs), se, dof, ci (95% interval), paired, confirmed (the interval is above zero), floor, and the
+    held-out part's gain. Its noise is the night's (noise_of), seed for seed when the best starts from the baseline's
+    initial weights and that is the tighter test."""
+    decisions = _decisions(df)
     results = _results(decisions)
     if results.empty:
         return None
-    baseline, best = results["commit"].iloc[0], _best_commit(decisions, None)
+    baseline, best = results["commit"].iloc[0], best_commit(decisions)
     if best is None or best == baseline:
         return None
-    like = conditions(_results(decisions[decisions["commit"] == best]).iloc[-1])
+    like = night_conditions(df)
     runs = df[(df["verdict"] == "confirm") & (df["val_bpb"] > 0)]
-    got, held = {baseline: {}, best: {}}, {baseline: {}, best: {}}  # val_bpb, and the held-out part's
+    got, held, prints = {baseline: {}, best: {}}, {baseline: {}, best: {}}, {}
     for r in runs.to_dict("records"):
         if r["commit"] in got and r["seed"] in CONFIRM_SEEDS and not _differs(r, like):
             got[r["commit"]].setdefault(r["seed"], []).append(r["val_bpb"])
+            prints[r["commit"], r["seed"]] = r["init_fingerprint"]
             heldout = parse_receipt_field(r["receipt"]).get("heldout")
             if heldout:
                 held[r["commit"]].setdefault(r["seed"], []).append(float(heldout))
-    got, held = ({c: {s: _mean(v) for s, v in seeds.items()} for c, seeds in d.items()} for d in (got, held))
+    got, held = ({c: {s: float(np.mean(v)) for s, v in seeds.items()} for c, seeds in d.items()} for d in (got, held))
     todo = [(c, s) for s in CONFIRM_SEEDS for c in (baseline, best) if s not in got[c]]
     out = {"baseline": baseline, "best": best, "seeds": list(CONFIRM_SEEDS), "todo": todo,
            "done": sum(len(v) for v in got.values()), "needed": 2 * len(CONFIRM_SEEDS), "gain": None}
-    if not todo:
-        values, best_before, _, fingerprints = evidence(decisions, like)
-        for c in (baseline, best):  # the confirmation runs measure the seed noise too, as commits of their own
-            values[f"{c} (confirmation)"] = got[c]
-        prints = {(r["commit"], r["seed"]): r["init_fingerprint"] for r in runs.to_dict("records")}
-        nz = with_pool(noise(values, best_before, fingerprints=fingerprints),
-                       init_kind(prints, best, baseline, got[best]))
-        c = compare(got[best], got[baseline], nz)
-        half = t_ppf(0.975, c["dof"]) * c["se"]
-        out.update(gain=c["diff"], se=c["se"], dof=c["dof"], paired=c["paired"], ci=[c["diff"] - half, c["diff"] + half],
-                   floor=nz["floor"], heldout_gain=None)
-        if all(set(held[k]) == set(got[k]) for k in held):  # every run scored the held-out part too
-            h = compare(held[best], held[baseline], nz)
-            half = t_ppf(0.975, h["dof"]) * h["se"]
-            out.update(heldout_gain=h["diff"], heldout_ci=[h["diff"] - half, h["diff"] + half],
-                       heldout_holds=c["diff"] <= 0 or h["diff"] >= HELDOUT_SHARE * c["diff"])
+    n = the_night(df)
+    if todo or n["night"] is None:
+        return out
+    night, k = n["night"], len(CONFIRM_SEEDS)
+    paired = same_init(prints, best, baseline, CONFIRM_SEEDS) and bool(night.on[0]) and \
+        night.paired_dof[0] >= rule_.PAIRED_MIN_DOF
+    se_u, se_p = float(night.sigma[0]) * math.sqrt(2 / k), math.sqrt(2 * float(night.tau2[0]) / k)
+    paired &= se_p * rule_.t_interval(0.9, night.paired_dof[0]) < se_u * rule_.t_interval(0.9, night.dof[0])
+    se, dof = (se_p, int(night.paired_dof[0])) if paired else (se_u, int(night.dof[0]))
+    half = float(rule_.t_interval(0.95, dof)) * se
+
+    def gain(values):
+        return float(np.mean(list(values[baseline].values())) - np.mean(list(values[best].values())))
+
+    g = gain(got)
+    out.update(gain=g, se=se, dof=dof, paired=bool(paired), ci=[g - half, g + half], confirmed=g - half > 0,
+               floor=n["noise"]["floor"], heldout_gain=None)
+    if all(set(held[c]) == set(got[c]) for c in held):  # every run scored the held-out part too
+        h = gain(held)
+        out.update(heldout_gain=h, heldout_ci=[h - half, h + half], heldout_holds=g <= 0 or h >= HELDOUT_SHARE * g)
     return out
 
 
@@ -700,25 +467,35 @@ def heldout_text(conf):
     if conf.get("heldout_gain") is None:
         return ""
     lo, hi = conf["heldout_ci"]
-    return (f"; on the held-out part {conf['heldout_gain']:.6f} (95% interval {lo:.6f} to {hi:.6f})"
+    return (f"; on the held-out part {conf['heldout_gain']:+.6f} (95% interval {lo:+.6f} to {hi:+.6f})"
             + ("" if conf["heldout_holds"] else f": the gain does not hold there (less than {HELDOUT_SHARE:.0%} of "
                                                 "it): the night may have fitted the validation set"))
 
 
+def gain_text(conf):
+    """The confirmed gain in words that say whether it is one: the interval above zero, or not."""
+    lo, hi = conf["ci"]
+    floors = f" = {conf['gain'] / conf['floor']:.1f} noise floors" if conf.get("floor") else ""
+    verdict = "confirmed" if conf["confirmed"] else "not confirmed"
+    why = "" if conf["confirmed"] else ": the 95% interval includes zero or less, so the night's gain may be noise"
+    return (f"{verdict}: best {conf['best']} vs baseline {conf['baseline']}: gain {conf['gain']:+.6f}{floors} (95% "
+            f"interval {lo:+.6f} to {hi:+.6f}; {'seed for seed' if conf['paired'] else 'unpaired'}, {conf['dof']} dof, "
+            f"seeds {', '.join(map(str, conf['seeds']))}){why}" + heldout_text(conf))
+
+
 def confirmation_line(conf):
-    """The one line `confirm` and `record --confirm` print: what to run next, or the confirmed gain."""
+    """The one line `confirm` and `record --confirm` print: what to run next, or the gain."""
     if conf is None:
         return "nothing to confirm: no change has been kept, so the best is the baseline"
-    role = {conf["baseline"]: "baseline", conf["best"]: "best"}
     if conf["todo"]:
         commit, seed = conf["todo"][0]
-        return (f"run {commit} with seed {seed}: confirmation {conf['done'] + 1} of {conf['needed']} (the {role[commit]}"
-                f"; baseline {conf['baseline']} and best {conf['best']} under seeds "
-                f"{', '.join(map(str, conf['seeds']))}, which no decision used)")
-    lo, hi = conf["ci"]
-    return (f"confirmed: best {conf['best']} is better than baseline {conf['baseline']} by {conf['gain']:.6f} "
-            f"(95% interval {lo:.6f} to {hi:.6f}; {'seed for seed' if conf['paired'] else 'unpaired'}, "
-            f"{conf['dof']} dof) under seeds {', '.join(map(str, conf['seeds']))}" + heldout_text(conf))
+        role = "baseline" if commit == conf["baseline"] else "best"
+        return (f"run {commit} with seed {seed}: confirmation {conf['done'] + 1} of {conf['needed']} (the {role}; "
+                f"baseline {conf['baseline']} and best {conf['best']} under seeds {', '.join(map(str, conf['seeds']))}"
+                ", which no decision used)")
+    if conf["gain"] is None:
+        return "not confirmed: no noise measured (the baseline ran under one seed)"
+    return gain_text(conf)
 
 # -----------------------------------------------------------------------------
 # Checking a run before it counts: the receipt prepare.py printed, git, the seed
@@ -794,7 +571,7 @@ def asked_seeds(before, commit, rule, confirm):
         return [SEEDS[0]]  # SEED in train.py
     v = judge(decisions, commit, rule)
     last = _int_or_none(str(mine["seed"].iloc[-1]))
-    return [v["seed"] if v["seed"] is not None else last] if v["verdict"] in ("rerun", "refused", "crash") else []
+    return [v.seed if v.seed is not None else last] if v.verdict in ("rerun", "refused", "crash") else []
 
 
 def check_run(before, summary, receipts, commit, rule="noise", confirm=False, repo="."):
@@ -880,7 +657,7 @@ def like_wall(before, base):
 
 def flags_of(decisions, commit, receipt, base_excess, repo):
     """The DIFF_FLAGS that the diff of train.py against the best it is compared with touches, and the RUN_FLAGS."""
-    best = _best_commit(decisions, commit) or decisions["commit"].iloc[0]
+    best = best_commit(decisions, commit) or decisions["commit"].iloc[0]
     diff = _git_lines(repo, "diff", "-U0", best, commit, "--", EDITABLE) or []
     changed = "\n".join(line[1:] for line in diff if line[:1] in "+-" and line[:3] not in ("+++", "---"))
     flags = [k for k, (pattern, _) in DIFF_FLAGS.items() if re.search(pattern, changed)]
@@ -897,6 +674,18 @@ def flag_text(codes):
     """The flags of a row (its `flags` field, comma-separated) in words; refusals (`refused:...`) left out."""
     words = {k: w for k, (_, w) in DIFF_FLAGS.items()} | RUN_FLAGS
     return ", ".join(words[c] for c in codes if c in words)
+
+
+def row_flags(rows):
+    """The flag codes of a commit's rows that were not refused, each once, in order."""
+    codes = ",".join(rows.loc[rows["verdict"] != "refused", "flags"].fillna("")).split(",")
+    return list(dict.fromkeys(c for c in codes if c))
+
+
+def flags_note(rows):
+    """The verdict's note naming the commit's flags for the morning ([] when there are none)."""
+    text = flag_text(row_flags(rows))
+    return [f"flagged for the morning: {text}"] if text else []
 
 # -----------------------------------------------------------------------------
 # Recording a run: run.log -> one row, appended under a lock
@@ -999,7 +788,7 @@ def record(tsv, summary, commit, description=None, rule="noise", confirm=False, 
             row.update(verdict="refused", flags=f"refused:{refusal[0]}")
             lines.append("\t".join(row[k] for k in HEADER))
             _replace(tsv, lines)
-            return [row[k] for k in HEADER], _verdict("refused", row["status"], refusal[1])
+            return [row[k] for k in HEADER], Verdict("refused", row["status"], refusal[1])
         if confirm:
             if row["status"] != "crash":  # a confirmation run takes its commit's status; it never sets one
                 row["status"] = before.loc[before["commit"] == commit, "status"].iloc[-1]
@@ -1007,15 +796,14 @@ def record(tsv, summary, commit, description=None, rule="noise", confirm=False, 
             lines.append("\t".join(row[k] for k in HEADER))
             _replace(tsv, lines)
             conf = confirmation(parse_results("\n".join(lines))[0])
-            return [row[k] for k in HEADER], _verdict("confirm", row["status"], confirmation_line(conf),
-                                                       confirmation=conf)
+            return [row[k] for k in HEADER], Verdict("confirm", row["status"], confirmation_line(conf))
         lines.append("\t".join(row[k] for k in HEADER))
         df, _ = parse_results("\n".join(lines))
         verdict = judge(df, commit, rule)
-        _set_status(lines, df, commit, verdict["status"])
+        _set_status(lines, df, commit, verdict.status)
         if row["status"] != "crash":
-            row["status"] = verdict["status"]
-        row["verdict"] = verdict["verdict"]
+            row["status"] = verdict.status
+        row["verdict"] = verdict.verdict
         lines[-1] = "\t".join(row[k] for k in HEADER)
         _replace(tsv, lines)
     return [row[k] for k in HEADER], verdict
@@ -1068,32 +856,30 @@ def _replace(tsv, lines):
 # Summary
 
 
-def experiments(df):
+COSTS = ("steps", "tokens_M", "training_seconds", "total_seconds")  # what a run spent, for the morning's review
+
+
+def experiments(df, night=None):
     """One row per commit, in order of first appearance (confirmation runs left out): the experiment's number (0 =
-    baseline), status, its val_bpb (the mean over its seeds of the runs the judge counts: refused runs and num_steps
-    outliers left out), how many runs, its seeds and the first description."""
+    baseline), status, its val_bpb (the mean over its seeds of the runs the judge counts), how many runs, its seeds,
+    the first description, what its runs cost, rule, flags and refused runs."""
+    n = night or the_night(df) or {"left_out": {}}
     rows = []
-    df = df[df["verdict"] != "confirm"]
-    left_out = step_outliers(_results(df).to_dict("records"))
-    for i, (commit, g) in enumerate(df.groupby("commit", sort=False)):
+    for i, (commit, g) in enumerate(_decisions(df).groupby("commit", sort=False)):
         runs = _results(g)
-        runs = runs[~runs["line"].isin(left_out)]
-        per_seed = runs.groupby([s if s is not None else f"line {n}" for n, s in zip(runs["line"], runs["seed"])],
+        runs = runs[~runs["line"].isin(n["left_out"])]
+        per_seed = runs.groupby([s if s is not None else f"line {k}" for k, s in zip(runs["line"], runs["seed"])],
                                 sort=False)["val_bpb"].mean()
-        status = runs["status"].iloc[-1] if len(runs) else g["status"].iloc[-1]
-        rows.append({"experiment": i, "commit": commit, "status": status,
+        rows.append({"experiment": i, "commit": commit,
+                     "status": runs["status"].iloc[-1] if len(runs) else g["status"].iloc[-1],
                      "val_bpb": float(per_seed.mean()) if len(runs) else 0.0,
                      "memory_gb": float(g["memory_gb"].max()), "runs": len(runs),
                      "seeds": [int(s) for s in runs["seed"] if s is not None],
-                     "init_fingerprint": runs["init_fingerprint"].iloc[0] if len(runs) else "",
                      "description": g["description"].iloc[0], **_run_costs(runs),
                      "rule": runs["rule"].iloc[-1] if len(runs) else "", "flags": row_flags(g),
                      "refused": int((g["verdict"] == "refused").sum())})
     return pd.DataFrame(rows, columns=["experiment", "commit", "status", "val_bpb", "memory_gb", "runs", "seeds",
-                                       "init_fingerprint", "description", *COSTS, "rule", "flags", "refused"])
-
-
-COSTS = ("steps", "tokens_M", "training_seconds", "total_seconds")  # what a run spent, for the morning's review
+                                       "description", *COSTS, "rule", "flags", "refused"])
 
 
 def _run_costs(runs):
@@ -1105,8 +891,7 @@ def _run_costs(runs):
 
     steps = [s for s in runs["num_steps"] if s is not None]
     served = [int(f["train_tokens"]) / 1e6 for f in map(parse_receipt_field, runs["receipt"]) if "train_tokens" in f]
-    return {"steps": statistics.median(steps) if steps else None,
-            "tokens_M": mean(served),
+    return {"steps": statistics.median(steps) if steps else None, "tokens_M": mean(served),
             "training_seconds": mean(runs["training_seconds"]), "total_seconds": mean(runs["total_seconds"])}
 
 
@@ -1115,70 +900,64 @@ def _num(x):
     return None if x is None or (isinstance(x, float) and math.isnan(x)) else float(x)
 
 
-def night_noise(df):
-    """The noise of the night as the judge measures it, under the conditions of the first run with a result."""
-    runs = _results(df)
-    if runs.empty:
-        return dict(noise({}, {}), **{k: None for k in MATCHED})
-    like = conditions(runs.iloc[0])
-    values, best_before, _, fingerprints = evidence(df, like)
-    return dict(noise(values, best_before, fingerprints=fingerprints), **like)
-
-
 def summarize(df):
     """Counts, keep rate, noise, baseline, best, improvement, the kept list, the top hits and the confirmation, as a
-    JSON-friendly dict. An experiment is a commit; its val_bpb is the mean of its runs."""
-    exps = experiments(df)
-    n = len(exps)
+    JSON-friendly dict. An experiment is a commit; its val_bpb is the mean of its runs. The noise and every gain in
+    noise floors are the verdicts' own: a kept commit's gain is the one its verdict measured."""
+    n = the_night(df) or {"left_out": {}, "seen": {}, "night": None, "noise": noise_of(None), "swings": {},
+                          "like": {k: None for k in MATCHED}}
+    exps = experiments(df, n)
     counts = {s: int((exps["status"] == s).sum()) for s in STATUSES}
-    counts["other"] = n - sum(counts.values())  # unknown statuses (warned about when loading)
+    counts["other"] = len(exps) - sum(counts.values())  # unknown statuses (warned about when loading)
     results = exps[exps["val_bpb"] > 0]
     kept = results[results["status"] == "keep"]
-    nz = night_noise(df)
+    nz = n["noise"]
     floor = nz["floor"]
-    # the first experiment is the unmodified baseline; skip leading crashes, which have no result
-    baseline = float(results["val_bpb"].iloc[0]) if len(results) else None
-    best_row = kept.loc[kept["val_bpb"].idxmin()] if len(kept) else None
-    best = float(best_row["val_bpb"]) if best_row is not None else None
-    improvement = round(baseline - best, 6) if baseline is not None and best is not None else None  # no float noise
-
-    kept_list = [{"experiment": int(r.experiment), "commit": r.commit, "val_bpb": round(float(r.val_bpb), 6),
-                  "memory_gb": _num(r.memory_gb), "runs": int(r.runs), "seeds": r.seeds,
-                  "description": r.description, **{k: _num(getattr(r, k)) for k in COSTS}, "rule": r.rule,
-                  "flags": r.flags} for r in kept.itertuples()]
-    # each kept experiment after the first, by how much it lowered val_bpb below the previous kept one, in floors
-    hits = []
-    for prev, k in zip(kept_list, kept_list[1:]):
-        gain = round(prev["val_bpb"] - k["val_bpb"], 6)
-        floors = round(gain / floor, 2) if floor else None
-        hits.append(dict(k, gain=gain, gain_floors=floors, within_noise=floors is not None and floors < 1,
-                         check=floors is not None and floors > IMPLAUSIBLE_FLOORS))
-    for k, h in zip(kept_list[1:], hits):
-        k.update(gain=h["gain"], gain_floors=h["gain_floors"], within_noise=h["within_noise"], check=h["check"])
-    hits.sort(key=lambda h: h["gain"], reverse=True)
+    baseline = float(results["val_bpb"].iloc[0]) if len(results) else None  # leading crashes have no result
+    best = best_commit(df)
+    best_row = results[results["commit"] == best].iloc[0] if best is not None else None
+    claimed = round(baseline - best_row["val_bpb"], 6) if best_row is not None else None  # no float noise
+    kept_list = []
+    for r in kept.itertuples():
+        k = {"experiment": int(r.experiment), "commit": r.commit, "val_bpb": round(float(r.val_bpb), 6),
+             "memory_gb": _num(r.memory_gb), "runs": int(r.runs), "seeds": r.seeds, "description": r.description,
+             **{c: _num(getattr(r, c)) for c in COSTS}, "rule": r.rule, "flags": r.flags}
+        if r.commit in n["seen"]:  # its gain over the best before it, as its verdict measured it
+            night, c = n["seen"][r.commit]
+            gain, floors = float(c.diff[0]), round(float(c.diff[0] / night.floor[0]), 2)
+        elif kept_list:  # no noise measured (the plain rule, the reference's files): over the kept one before it
+            gain, floors = kept_list[-1]["val_bpb"] - k["val_bpb"], None
+        if kept_list:
+            k.update(gain=round(gain, 6), gain_floors=floors, within_noise=floors is not None and floors < 1,
+                     check=floors is not None and floors > IMPLAUSIBLE_FLOORS)
+        kept_list.append(k)
     conf = confirmation(df)
     if conf is not None:
-        claimed = results.set_index("commit")["val_bpb"]
         conf = dict(conf, todo=[list(t) for t in conf["todo"]],
-                    claimed=round(float(claimed[conf["baseline"]] - claimed[conf["best"]]), 6))
+                    claimed=round(float(results.set_index("commit")["val_bpb"][conf["baseline"]]
+                                        - results.set_index("commit")["val_bpb"][conf["best"]]), 6))
+    night = n["night"]
     return {
-        "n_experiments": n,
+        "n_experiments": len(exps),
         "n_runs": int((df["verdict"] != "confirm").sum()),
         "n_confirmation_runs": int((df["verdict"] == "confirm").sum()),
         "counts": counts,
-        "keep_rate": counts["keep"] / n if n else None,
-        "noise": nz,
+        "keep_rate": counts["keep"] / len(exps) if len(exps) else None,
+        "noise": dict(nz, **n["like"]),
+        "speed_swings": {c: list(v) for c, v in n["swings"].items()},
         "baseline_val_bpb": baseline,
-        "best_val_bpb": best,
-        "best_commit": best_row["commit"] if best_row is not None else None,
+        "best_commit": best,
+        "best_val_bpb": float(best_row["val_bpb"]) if best_row is not None else None,  # the mean of its runs
+        "best_estimate": float(night.mu[0]) if night is not None and best is not None else None,
+        "best_estimate_sd": float(np.sqrt(night.v[0])) if night is not None and best is not None else None,
         "best_description": best_row["description"] if best_row is not None else None,
-        "improvement_abs": improvement,
-        "improvement_pct": round(100 * improvement / baseline, 4) if improvement is not None else None,
-        "improvement_floors": round(improvement / floor, 2) if improvement is not None and floor else None,
+        "improvement_abs": claimed,
+        "improvement_pct": round(100 * claimed / baseline, 4) if claimed is not None else None,
+        "improvement_floors": round(claimed / floor, 2) if claimed is not None and floor else None,
         "kept": kept_list,
-        "top_hits": hits,
+        "top_hits": sorted((dict(k) for k in kept_list if "gain" in k), key=lambda k: k["gain"], reverse=True),
         "confirmation": conf,
-        "refused": {code: int(n) for code, n in df.loc[df["verdict"] == "refused", "flags"]
+        "refused": {code: int(c) for code, c in df.loc[df["verdict"] == "refused", "flags"]
                     .str.removeprefix("refused:").value_counts().items()},
         "by_hand": [r.commit for r in exps.itertuples() if r.rule == "hand"],
     }
@@ -1189,43 +968,46 @@ def format_report(summary):
     s, c, nz = summary, summary["counts"], summary["noise"]
     n = s["n_experiments"]
     lines = [f"{n} experiments ({s['n_runs']} runs): {c['keep']} keep, {c['discard']} discard, {c['crash']} crash"
+             + (f", {c['pending']} pending a rerun" if c["pending"] else "")
              + (f", {c['other']} unknown status" if c["other"] else "")
              + (f" (keep rate {100 * s['keep_rate']:.1f}%)" if n else "")]
     if nz["floor"] is not None:
         lines.append(f"noise floor:      {nz['floor']:.6f} (seed to seed: sqrt(2) * sigma {nz['sigma']:.6f}, "
-                     f"{nz['dof']} degrees of freedom"
-                     + "".join(f"; seed for seed, {what} {nz[k]['spread']:.6f} on {nz[k]['dof']} dof"
-                               for k, what in (("same_init", "same weights"), ("other_init", "other weights"))
-                               if nz[k]["spread"])
-                     + f"; {_describe(nz)})")
-    else:
-        lines.append("noise floor:      not measured (no commit has run under two seeds)")
+                     f"{nz['dof']} degrees of freedom" + (f"; seed for seed, a run's spread {nz['spread']:.6f} on {nz['spread_dof']} "
+                                           "dof" if nz["spread"] else "") + f"; {_describe(nz)})")
+    elif n:
+        lines.append("noise floor:      none yet (the baseline has run under fewer than two seeds)")
+    if s["speed_swings"]:
+        lo = min(a for a, _ in s["speed_swings"].values())
+        hi = max(b for _, b in s["speed_swings"].values())
+        lines.append(f"speed:            the machine's speed swings ({lo}-{hi} steps a run; the runs of "
+                     f"{', '.join(s['speed_swings'])} disagree): that noise is counted, but comparisons between runs "
+                     "at different step counts measure the machine too; run on an otherwise idle machine")
     if s["baseline_val_bpb"] is not None:
         lines.append(f"baseline val_bpb: {s['baseline_val_bpb']:.6f}")
     if s["best_val_bpb"] is not None:
-        lines.append(f"best val_bpb:     {s['best_val_bpb']:.6f} ({s['best_commit']}: {s['best_description']})")
+        est = (f"; estimated {s['best_estimate']:.6f}, sd {s['best_estimate_sd']:.6f}"
+               if s["best_estimate"] is not None else "")
+        lines.append(f"best val_bpb:     {s['best_val_bpb']:.6f} (mean of its runs{est}; {s['best_commit']}: "
+                     f"{s['best_description']})")
         lines.append(f"improvement:      {s['improvement_abs']:.6f} ({s['improvement_pct']:.2f}%"
                      + (f", {s['improvement_floors']:.1f} noise floors" if s["improvement_floors"] is not None else "")
                      + "), as claimed by the decision runs")
     conf = s["confirmation"]
     if conf is not None and conf["gain"] is not None:
-        lines.append(f"confirmed gain:   {conf['gain']:.6f} (95% interval {conf['ci'][0]:.6f} to {conf['ci'][1]:.6f}; "
-                     f"claimed {conf['claimed']:.6f}; {conf['best']} against {conf['baseline']} under seeds "
-                     f"{', '.join(map(str, conf['seeds']))})" + heldout_text(conf))
+        lines.append(f"confirmation:     {gain_text(conf)}; claimed {conf['claimed']:.6f}")
     elif conf is not None:
-        lines.append(f"confirmed gain:   not yet ({conf['done']} of {conf['needed']} confirmation runs; "
+        lines.append(f"confirmation:     not yet ({conf['done']} of {conf['needed']} confirmation runs; "
                      "`uv run analysis.py confirm` says what to run)")
     if s["kept"]:
-        lines += ["", "kept experiments (val_bpb: mean of the runs; gain over the previous kept one, in noise floors;"
-                      " ~ marks a gain within the noise):",
+        lines += ["", "kept experiments (val_bpb: mean of the runs; gain: over the best before it, as its verdict "
+                      "measured it, in the noise floor of that verdict; ~ marks a gain within the noise):",
                   f"  {'#':>4}  {'commit':<8} {'val_bpb':>9} {'runs':>4} {'mem_gb':>7} {'floors':>7}  description"]
         for k in s["kept"]:
             mem = f"{k['memory_gb']:.1f}" if k["memory_gb"] is not None else "-"
             floors = f"{k['gain_floors']:+.1f}" if k.get("gain_floors") is not None else ""
-            mark = "~" if k.get("within_noise") else " "
             lines.append(f"  {k['experiment']:>4}  {k['commit']:<8} {k['val_bpb']:>9.6f} {k['runs']:>4} {mem:>7} "
-                         f"{floors:>6}{mark}  {k['description']}")
-    if s["kept"]:
+                         f"{floors:>6}{'~' if k.get('within_noise') else ' '}  {k['description']}")
         lines += ["", "review (each kept change next to the baseline: median steps, tokens trained in millions, mean "
                       "training and total seconds, lines of train.py changed against the best before it):",
                   f"  {'#':>4}  {'commit':<8} {'steps':>6} {'tokens_M':>9} {'train_s':>8} {'total_s':>8} "
@@ -1237,16 +1019,16 @@ def format_report(summary):
                 notes.append(f"check this ({k['gain_floors']:.0f} noise floors from one edit)")
             lines.append(f"  {k['experiment']:>4}  {k['commit']:<8} {cells[0]:>6} {cells[1]:>9} {cells[2]:>8} "
                          f"{cells[3]:>8} {k.get('lines') or '-':>9}  {k['rule'] or '-':<5}  "
-                         + "; ".join(n for n in notes if n))
+                         + "; ".join(x for x in notes if x))
     if s["refused"] or s["by_hand"]:
         lines.append("")
     if s["refused"]:
         lines.append(f"refused runs:     {sum(s['refused'].values())} (" + ", ".join(
-            f"{n} {REFUSALS.get(code, code)}" for code, n in s["refused"].items()) + "), not counted")
+            f"{c} {REFUSALS.get(code, code)}" for code, c in s["refused"].items()) + "), not counted")
     if s["by_hand"]:
         lines.append(f"set by hand:      {', '.join(s['by_hand'])} (status set with `mark`, not by the rule)")
     if s["top_hits"]:
-        lines += ["", "top hits (val_bpb gain over the previous kept experiment):"]
+        lines += ["", "top hits (the verdicts' gains over the best before them):"]
         for rank, h in enumerate(s["top_hits"], start=1):
             floors = f" ({h['gain_floors']:+.1f} floors{', within the noise' if h['within_noise'] else ''})" \
                 if h["gain_floors"] is not None else ""
@@ -1262,8 +1044,8 @@ def plot_progress(df, path):
     """Draws val_bpb per experiment to `path` (PNG). Returns the path, or None when there is nothing to plot.
 
     Every run is a point (an experiment run under three seeds has three); kept experiments also get their mean as
-    a green point labelled with the description, the running best a step line with the noise floor as a band
-    around it. Discarded runs above the plotted range are drawn as arrows on its top edge. Crashes are not drawn.
+    a green point labelled with the description, and the best (the last kept) a step line with the noise floor as a
+    band around it. Discarded runs above the plotted range are drawn as arrows on its top edge. Crashes are not drawn.
     """
     from matplotlib.figure import Figure  # no pyplot: no global backend, works headless and inside Jupyter
 
@@ -1277,10 +1059,9 @@ def plot_progress(df, path):
     number = dict(zip(exps["commit"], exps["experiment"]))
     runs = _results(df).assign(x=lambda d: d["commit"].map(number))
 
+    lo, hi = results["val_bpb"].min(), results["val_bpb"].max()
     if len(kept):
-        lo, hi = summary["best_val_bpb"], summary["baseline_val_bpb"]
-    else:
-        lo, hi = results["val_bpb"].min(), results["val_bpb"].max()
+        lo, hi = min(kept["val_bpb"]), summary["baseline_val_bpb"]
     lo = min(lo, runs["val_bpb"].min())  # a run below the best (noise) is drawn, never cut off
     # from just below the best (or the lowest run) to just above the baseline: worse runs are marked on the top edge
     margin = max(0.15 * (hi - lo), 0.002 * hi, 1.5 * (floor or 0))
@@ -1301,10 +1082,10 @@ def plot_progress(df, path):
                    label="kept (each run)")
         ax.scatter(kept["experiment"], kept["val_bpb"], s=50, c="#2ca02c", edgecolors="black", linewidths=0.5,
                    label="kept (mean of its runs)", zorder=4)
-        best_so_far = kept["val_bpb"].cummin()
         x = list(kept["experiment"]) + [exps["experiment"].iloc[-1]]  # carry the best on to the last experiment
-        y = list(best_so_far) + [best_so_far.iloc[-1]]
-        ax.step(x, y, where="post", c="#2ca02c", alpha=0.7, lw=1.5, label="running best", zorder=3)
+        y = list(kept["val_bpb"]) + [kept["val_bpb"].iloc[-1]]
+        ax.step(x, y, where="post", c="#2ca02c", alpha=0.7, lw=1.5,
+                label=f"the best (the last kept: {summary['best_commit']})", zorder=3)
         if floor:
             ax.fill_between(x, [v - floor for v in y], [v + floor for v in y], step="post", color="#2ca02c",
                             alpha=0.12, lw=0, label=f"noise floor ±{floor:.4f}", zorder=1)
@@ -1328,6 +1109,7 @@ def plot_progress(df, path):
     return path
 
 
+# -----------------------------------------------------------------------------
 # Integrity
 
 
@@ -1447,7 +1229,7 @@ def main(argv=None):
             return _error(str(e))
         except OSError as e:
             return _error(f"cannot write {args.tsv}: {e}")
-        print(verdict["line"])
+        print(verdict.line)
         return 0
 
     try:
@@ -1456,7 +1238,7 @@ def main(argv=None):
         return _error(f"{e}" if str(args.tsv) in str(e) else f"{args.tsv}: {e}")
     if args.command == "judge":
         verdict = judge(df, args.commit, args.rule)
-        print("\n".join([verdict["line"]] + [f"  {e}" for e in verdict["evidence"]]))
+        print("\n".join([verdict.line] + [f"  {e}" for e in verdict.evidence]))
         return 0
     if args.command == "confirm":
         print(confirmation_line(confirmation(df)))

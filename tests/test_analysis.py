@@ -74,7 +74,7 @@ def test_example_loads_without_warnings():
 def test_summary_of_example():
     s = summarize(load_results(EXAMPLE)[0])
     assert s["n_experiments"] == 15
-    assert s["counts"] == {"keep": 7, "discard": 6, "crash": 2, "other": 0}
+    assert s["counts"] == {"keep": 7, "discard": 6, "crash": 2, "pending": 0, "other": 0}
     assert s["keep_rate"] == pytest.approx(7 / 15)
     assert s["baseline_val_bpb"] == pytest.approx(0.9979)
     assert s["best_val_bpb"] == pytest.approx(0.9776)
@@ -133,7 +133,7 @@ def test_an_eleven_column_file_takes_new_rows(tmp_path):
     lines = tsv.read_text().splitlines()
     assert lines[0].split("\t") == analysis.HEADER and len(lines) == 15
     assert len(lines[-1].split("\t")) == len(analysis.HEADER)
-    assert load_results(tsv)[1] == [] and verdict["verdict"] in ("keep", "discard", "rerun")
+    assert load_results(tsv)[1] == [] and verdict.verdict in ("keep", "discard", "rerun")
 
 
 def test_crash_rows_count_as_experiments_but_never_as_best_or_baseline(tmp_path):
@@ -150,7 +150,7 @@ def test_crash_rows_count_as_experiments_but_never_as_best_or_baseline(tmp_path)
 def test_status_is_normalised_to_lower_case():
     df, _ = load_results(MESSY)
     assert set(df["status"]) == {"keep", "discard", "crash", "maybe"}
-    assert summarize(df)["counts"] == {"keep": 2, "discard": 1, "crash": 2, "other": 1}
+    assert summarize(df)["counts"] == {"keep": 2, "discard": 1, "crash": 2, "pending": 0, "other": 1}
 
 
 def test_trailing_spaces_are_stripped_and_commas_kept_in_descriptions():
@@ -220,7 +220,7 @@ def test_cli_text_report_of_example():
     r = run_cli("--tsv", EXAMPLE)
     assert r.returncode == 0
     assert "15 experiments (15 runs): 7 keep, 6 discard, 2 crash (keep rate 46.7%)" in r.stdout
-    assert "noise floor:      not measured" in r.stdout
+    assert "noise floor:      none yet (the baseline has run under fewer than two seeds)" in r.stdout
     assert "best val_bpb:     0.977600" in r.stdout and "improvement:      0.020300 (2.03%)" in r.stdout
     assert "integrity:" in r.stdout
 
@@ -267,9 +267,9 @@ def test_cli_json_shape():
             "flags"}
     assert set(out["kept"][0]) == kept | {"lines"}  # train.py's lines changed, from git (None: not in a repository)
     assert set(out["top_hits"][0]) == kept | {"gain", "gain_floors", "within_noise", "check"}
-    assert set(out["noise"]) == {"floor", "sigma", "dof", "commits", "same_init", "other_init", "device", "attention",
-                                 "time_budget", "eval_tokens"}
-    assert set(out["noise"]["same_init"]) == {"spread", "dof", "pairs"}
+    assert set(out["noise"]) == {"floor", "sigma", "dof", "spread", "spread_dof", "device", "attention", "time_budget",
+                                 "eval_tokens"}
+    assert {"best_commit", "best_estimate", "best_estimate_sd", "speed_swings"} <= set(out)
     assert out["n_confirmation_runs"] == 0 and out["confirmation"]["gain"] is None  # a best, not confirmed yet
     assert set(out["confirmation"]) == {"baseline", "best", "seeds", "todo", "done", "needed", "gain", "claimed"}
     assert len(out["warnings"]) == 5
@@ -395,7 +395,7 @@ def test_notebook_runs_headless(tmp_path, monkeypatch, tsv):
         assert png.read_bytes()[:8] == PNG_MAGIC
         assert "experiments: 23 (33 runs)" in text and "keep rate: 17.4%" in text
         assert "noise floor: 0.024829" in text and "improvement:      0.068835 (3.30%, 2.8 noise floors)" in text
-        assert "0.024934" in text and "-0.001303" in text  # the confirmed gain and its interval's low end
+        assert "NOT confirmed (the interval includes zero): 0.024934 (95% interval -0.005034 to 0.054903)" in text
         assert any("image/png" in o.get("data", {}) for c in nb.cells if c.cell_type == "code" for o in c.outputs)
     else:
         assert not png.exists()

@@ -307,7 +307,7 @@ def test_agent_follows_program_md_through_the_baseline_a_win_a_loss_a_crash_and_
     # The morning: the baseline and the best under the confirmation seeds, then back on the branch
     said = agent.confirm()
     assert said[0].startswith(f"run {main_head} with seed 1001: confirmation 1 of 4 (the baseline"), said
-    assert said[-1].startswith(f"confirmed: best {win} is better than baseline {main_head} by "), said
+    assert said[-1].startswith(f"confirmed: best {win} vs baseline {main_head}: gain +"), said
     assert "; on the held-out part " in said[-1], said  # the confirmation seeds also score the held-out part
     agent.sh(block("git checkout autoresearch/<tag>"), tag=TAG)
     assert agent.git("branch", "--show-current") == f"autoresearch/{TAG}" and agent.where()[1].split()[0] == win
@@ -347,7 +347,7 @@ def test_agent_follows_program_md_through_the_baseline_a_win_a_loss_a_crash_and_
     out = agent.sh(uv_block("uv run analysis.py\n"), timeout=300).stdout
     assert "4 experiments (8 runs): 2 keep, 1 discard, 1 crash" in out, out
     assert re.search(r"noise floor: +\d\.\d{6} \(seed to seed: sqrt\(2\) \* sigma \d\.\d{6}, 4 degrees of freedom", out), out
-    assert re.search(r"confirmed gain: +\d\.\d{6} \(95% interval ", out), out
+    assert re.search(r"confirmation: +confirmed: best \w{7} vs baseline \w{7}: gain \+\d\.\d{6}", out), out
     assert "integrity: ok (1 kept commits checked)" in out, out
     assert agent.sh("git status --porcelain").stdout == ""  # it wrote nothing into the repo
     assert set(bash_blocks()) == PLAYED["program.md"], set(bash_blocks()) - PLAYED["program.md"]  # every block
