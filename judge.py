@@ -20,7 +20,7 @@ nights as its first axis). docs/judging.md has the statistics and the benchmark 
 from dataclasses import dataclass, field, replace
 
 import numpy as np
-from scipy.special import ndtr, stdtrit  # the normal cdf, Student's t quantile (scipy.stats imports ~10x slower)
+from scipy.special import ndtr, stdtrit  # the normal cdf and Student's t quantile; scipy.stats imports slower
 
 BASELINE_SEEDS = (42, 43, 44, 45)  # the baseline runs under each before any idea is judged (3 dof of noise)
 SEEDS = (42, 43)                   # a candidate's first run, and its one rerun when the verdict asks for it
@@ -88,7 +88,7 @@ class Night:
     on: np.ndarray
     m: np.ndarray
     c: np.ndarray
-    d: np.ndarray = field(default=None)  # (nights, 3): count, sum and sum of squares of the differences
+    d: np.ndarray  # (nights, 3): count, sum and sum of squares of the seed-for-seed differences
 
     @property
     def sigma(self):
@@ -204,48 +204,39 @@ def step(night, runs, kept):
     seen = night.seen + w
     experiments = night.experiments + 1
     two = runs.n >= 2
-    return replace(night, mu=mu, v=v, ss=night.ss + np.where(two, runs.ss, 0), dof=night.dof + np.where(two, runs.n - 1, 0),
-                   prior=(PRIOR_WEIGHT * DEFAULT_PRIOR + seen) / (PRIOR_WEIGHT + experiments), seen=seen,
-                   experiments=experiments, on=night.on & (runs.same_init | ~kept),
-                   m=np.where(follow[:, None], m, night.m), c=np.where(follow[:, None, None], c, night.c),
+    return replace(night, mu=mu, v=v, ss=night.ss + np.where(two, runs.ss, 0),
+                   dof=night.dof + np.where(two, runs.n - 1, 0), seen=seen, experiments=experiments,
+                   prior=(PRIOR_WEIGHT * DEFAULT_PRIOR + seen) / (PRIOR_WEIGHT + experiments),
+                   on=night.on & (runs.same_init | ~kept), m=np.where(follow[:, None], m, night.m),
+                   c=np.where(follow[:, None, None], c, night.c),
                    d=night.d + both[:, None] * np.stack([np.ones_like(diff), diff, diff ** 2], 1))
-
-
-def _masked_inverse(s, obs):
-    """The inverse of s over the observed seeds (obs: 1 or 0 each), zero elsewhere, and its log-determinant."""
-    both = obs[:, :, None] * obs[:, None, :]
-    s = both * s + np.eye(s.shape[1]) * (1 - obs)[:, None, :]  # unobserved seeds: identity, then nothing
-    return np.linalg.inv(s) * both, np.linalg.slogdet(s)[1]
 
 
 def _paired_step(night, runs, g, kept, mask):
     """The best's value under SEEDS after the commit's runs there (mask), each a run spread sqrt(tau2) around its
-    seed's value plus the effect g: a Kalman step for each g on EFFECTS, and one with g a state of its own for the
-    wide normal, mixed over g's posterior and matched back to a normal."""
+    seed's value plus the effect g: a Kalman step for each g on EFFECTS, and for the wide normal one with g
+    integrated out, mixed over g's posterior and matched back to a normal."""
     c, m, obs, k = night.c, night.m, mask * 1.0, kept[:, None, None]
-    tau2, y = night.tau2[:, None, None] * np.eye(2), np.nan_to_num(runs.pair)
-    s_inv, logdet = _masked_inverse(c + tau2, obs)
+    both = obs[:, :, None] * obs[:, None, :]
+    s = both * (c + night.tau2[:, None, None] * np.eye(2)) + np.eye(2) * (1 - obs)[:, None, :]
+    s_inv = np.linalg.inv(s) * both  # over the seeds it ran under; nothing for the others
     gain = c @ s_inv
-    innovation = (y[:, None, :] + g[..., None] - m[:, None, :]) * obs[:, None, :]
+    r = (np.nan_to_num(runs.pair) - m) * obs  # the runs against the best's value, before the effect
+    innovation = r[:, None, :] + g[..., None] * obs[:, None, :]
     log_lik = -0.5 * np.einsum("ngi,nij,ngj->ng", innovation, s_inv, innovation)
-    new = m[:, None, :] + np.einsum("nij,ngj->ngi", gain, innovation)
-    new = np.where(k, new - g[..., None], new)
-    # the wide g: the state (m, g), g ~ N(0, w2); a run under a seed is its value minus g
-    z = np.zeros((len(m), 3, 3))
-    z[:, :2, :2], z[:, 2, 2] = c, WIDE ** 2 * night.ss / night.dof
-    h = np.concatenate([np.eye(2), -np.ones((2, 1))], 1)[None] * obs[:, :, None]
-    s_inv_w, logdet_w = _masked_inverse(h @ z @ h.transpose(0, 2, 1) + tau2, obs)
-    gain_w = z @ h.transpose(0, 2, 1) @ s_inv_w
-    innovation_w = (y - m) * obs
-    post = np.concatenate([m, np.zeros((len(m), 1))], 1) + np.einsum("nij,nj->ni", gain_w, innovation_w)
-    post_cov = z - gain_w @ h @ z
-    out = np.where(k, np.array([[1.0, 0, -1], [0, 1, -1]]), np.array([[1.0, 0, 0], [0, 1, 0]]))
-    log_lik_w = -0.5 * np.einsum("ni,nij,nj->n", innovation_w, s_inv_w, innovation_w) - 0.5 * (logdet_w - logdet)
-    new = np.concatenate([new, np.einsum("nij,nj->ni", out, post)[:, None, :]], 1)
+    new = m[:, None, :] + np.einsum("nij,ngj->ngi", gain, innovation) - k * g[..., None]
+    # the wide g: its precision from these runs (p), its posterior (g_w, var_w), and the runs' likelihood
+    w2 = WIDE ** 2 * night.ss / night.dof
+    p, q = np.einsum("ni,nij,nj->n", obs, s_inv, obs), np.einsum("ni,nij,nj->n", obs, s_inv, r)
+    var_w = w2 / (1 + w2 * p)
+    g_w = -q * var_w
+    log_lik_w = -0.5 * (np.einsum("ni,nij,nj->n", r, s_inv, r) - q ** 2 * var_w) - 0.5 * np.log1p(w2 * p)
+    u = np.einsum("nij,nj->ni", gain, obs) - kept[:, None]  # how the new value moves with g
+    new = np.concatenate([new, (m + np.einsum("nij,nj->ni", gain, r) + u * g_w[:, None])[:, None, :]], 1)
     w = _posterior(night.prior, np.column_stack([log_lik, log_lik_w]))
     mean = (w[..., None] * new).sum(1)
     dev = new - mean[:, None, :]
-    cov = (1 - w[:, -1])[:, None, None] * (c - gain @ c) + w[:, -1, None, None] * (out @ post_cov @ out.transpose(0, 2, 1))
+    cov = c - gain @ c + (w[:, -1] * var_w)[:, None, None] * u[:, :, None] * u[:, None, :]
     return mean, cov + np.einsum("ng,ngi,ngj->nij", w, dev, dev)
 
 

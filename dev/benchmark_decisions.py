@@ -170,7 +170,8 @@ def main():
                   ("floor-or-worse harms kept <= 0.1 per night", m["harm1_kept"] <= 0.1),
                   ("runs per experiment <= 1.5", m["runs_per_exp"] <= 1.5)]
         if sc in EFFICIENCY:
-            checks.append((f"true gain per 100 runs >= {EFFICIENCY[sc]}x plain", round(m["ratio"], 2) >= EFFICIENCY[sc]))
+            met = round(m["ratio"], 2) >= EFFICIENCY[sc]
+            checks.append((f"true gain per 100 runs >= {EFFICIENCY[sc]}x plain", met))
         ok &= all(met for _, met in checks)
         print(f"targets, {sc}: " + "; ".join(f"{name} {'met' if met else 'NOT MET'}" for name, met in checks))
     return 0 if ok else 1

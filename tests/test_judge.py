@@ -436,8 +436,8 @@ def test_confirmation_runs_change_no_status_and_give_the_interval(tmp_path):
     assert conf["se"] == pytest.approx(night.sigma[0]) and hi - lo == pytest.approx(
         2 * judge.t_interval(0.95, conf["dof"]) * conf["se"]) and conf["dof"] == 4
     assert v.line == analysis.confirmation_line(conf) and v.line.startswith(
-        f"confirmed: best cand000 vs baseline base000: gain +{gain:.6f} = {gain / night.floor[0]:.1f} noise floors (95% "
-        f"interval +{lo:.6f} to +{hi:.6f}")
+        f"confirmed: best cand000 vs baseline base000: gain +{gain:.6f} = {gain / night.floor[0]:.1f} noise floors "
+        f"(95% interval +{lo:.6f} to +{hi:.6f}")
     s = analysis.summarize(df)
     assert s["confirmation"]["gain"] == pytest.approx(gain) and s["n_confirmation_runs"] == n
     assert s["confirmation"]["claimed"] == pytest.approx(MEAN - 0.9765)
