@@ -2,29 +2,18 @@
 Records, judges and reports the runs in results.tsv (one row per training run, written by `record`).
 
 Usage:
-    uv run analysis.py record --description "<what changed>"   # after a run: append its row from run.log, print the verdict
+    uv run analysis.py record --description "<what changed>"   # append the run's row from run.log, print the verdict
     uv run analysis.py judge                                   # the latest commit's verdict again, with the evidence
-    uv run analysis.py confirm                                 # the morning's check: the next confirmation run, or the gain
+    uv run analysis.py confirm                                 # the next confirmation run, or the confirmed gain
     uv run analysis.py mark --status discard                   # the simplicity criterion, by hand (or --status keep)
-    uv run analysis.py [--json] [--plot progress.png]          # the report: counts, noise, kept changes, best, confirmed gain
+    uv run analysis.py status                                  # where the loop stands, and the next command
+    uv run analysis.py digest                                  # what the night tried, in at most 80 lines
+    uv run analysis.py [--json] [--plot progress.png]          # the report: counts, noise, kept changes, best, gain
 
 A verdict is one line that starts with what to do: `keep`, `discard`, `rerun with seed N`, `crash` or `refused`.
-The rule is judge.py's; this file finds the runs it weighs in results.tsv:
-
-- Only like with like: a run that differs from the baseline in device, attention kernel, time budget or evaluation
-  tokens is refused. A run whose num_steps is more than STEP_TOLERANCE off the median of its commit's runs is left out
-  only when most of them agree (a cold start); when they do not, the machine's speed swings: every run counts, and
-  the verdicts and the report say so.
-- The best is the commit the branch is at after the last keep (best_commit), for every reader.
-- The night's gain is confirmed under CONFIRM_SEEDS, seeds no decision used; confirmation rows change no status.
-  Under those seeds prepare.py also scores a held-out part of the validation shard, and the report says when the
-  gain does not hold there.
-- AUTORESEARCH_RULE=plain (or --rule plain) is the reference's rule: one run, keep if strictly lower than the best.
-- Before a run counts, `record` checks it against the receipt prepare.py's evaluate_bpb printed into run.log, git and
-  the seeds asked for (check_run), refuses what differs, and names what the diff of train.py touches (flags).
-
-Reading is forgiving: messy input gives a warning per bad line instead of a traceback, and the reference's five-column
-files and this project's older files load as they are. analysis.ipynb imports the functions below.
+The rule is judge.py's (docs/judging.md); this file finds the runs it weighs, only like with like, and checks each
+run before it counts (docs/reliability.md). Older and messy files load with a warning per bad line.
+analysis.ipynb imports the functions below.
 """
 
 import argparse
@@ -43,20 +32,31 @@ import pandas as pd
 import judge as rule_
 from judge import BASELINE_SEEDS, SEEDS, Verdict
 
+try:
+    import fcntl
+except ImportError:  # Windows: no lock; the rename in _replace is still atomic
+    fcntl = None
+
 COLUMNS = ["commit", "val_bpb", "memory_gb", "status", "description"]  # the reference's five, first and in order
 EXTRA = ["seed", "num_steps", "attention", "device", "init_fingerprint", "verdict", "time_budget", "eval_tokens",
-         "training_seconds", "total_seconds", "rule", "flags", "receipt"]
-HEADER = COLUMNS + EXTRA  # older files stop after `eval_tokens` (13 columns), `verdict` (11) or `description` (5)
-FROM_SUMMARY = [k for k in EXTRA if k not in ("verdict", "rule", "flags", "receipt")]  # the summary keys a row records
+         "training_seconds", "total_seconds", "rule", "flags", "receipt", "train_py"]
+HEADER = COLUMNS + EXTRA  # older files stop after `receipt` (18 columns), `eval_tokens` (13), `verdict` (11) or
+                          # `description` (5); train_py is the git blob of the train.py that ran
+FROM_SUMMARY = [k for k in EXTRA if k not in ("verdict", "rule", "flags", "receipt", "train_py")]  # from the summary
 MATCHED = ("device", "attention", "time_budget", "eval_tokens")  # runs are compared only when these agree
 STATUSES = ("keep", "discard", "crash", "pending")  # pending: a rerun is owed before the commit is decided
 EDITABLE = "train.py"  # the one file that may differ from the baseline's commit
-RULES = ("noise", "plain")
+RULES = ("noise", "plain")  # plain: the reference's rule, one run kept if strictly lower than the best
 CONFIRM_SEEDS = (1001, 1002)  # the morning's confirmation of baseline and best: seeds no decision used; under a seed
                               # from 1000 up, prepare.py also scores the held-out part of the validation shard
 HELDOUT_SHARE = 0.5           # the gain holds on the held-out part when at least this share of it is found there
 STEP_TOLERANCE = 0.05         # runs of one commit agree in speed when within 5% of their median num_steps
 VERDICT_CHARS = 300           # a verdict line longer than this keeps its decision and leaves the notes to `judge`
+IMPLAUSIBLE_FLOORS = 10       # a gain this many noise floors from one edit is checked by a person in the morning
+COSTS = ("steps", "tokens_M", "training_seconds", "total_seconds")  # what a run spent, for the morning's review
+NUDGE_AFTER = 10              # discards in a row before a verdict says to try something structurally different: at
+                              # the decision benchmark's keep rate (16%) a streak this long follows one keep in six
+DIGEST_LINES = 80             # the digest's length, however long the night
 
 # -----------------------------------------------------------------------------
 # Loading
@@ -66,13 +66,23 @@ def _int_or_none(text):
     return int(text) if re.fullmatch(r"-?\d+", text or "") else None
 
 
-def load_results(path):
-    """Reads a results.tsv. Returns (DataFrame with HEADER plus `line`, list of warning strings).
+def _finite(text):
+    """float(text) when it is a finite number, else None."""
+    try:
+        x = float(text)
+    except ValueError:
+        return None
+    return x if math.isfinite(x) else None
 
-    Bad rows are skipped with a warning naming their line number; raises FileNotFoundError for a missing
-    file. val_bpb is 0.0 for a crash; memory_gb is NaN where it is missing or not a number. Older files load with
-    the columns they lack empty: seed and num_steps None, the rest "".
-    """
+
+def _is_header(lower):
+    """Whether the lowercased fields of a line are this version's header or an older one."""
+    return lower[:5] == COLUMNS and lower == HEADER[:len(lower)]
+
+
+def load_results(path):
+    """(DataFrame with HEADER plus `line`, [warning]) from a results.tsv: a bad row is skipped with a warning, a
+    crash's val_bpb is 0.0, an older file's missing columns are empty (seed and num_steps None)."""
     if not os.path.exists(path):
         raise FileNotFoundError(f"{path}: no such file (the agent creates results.tsv during setup, see program.md)")
     if os.path.isdir(path):
@@ -83,16 +93,13 @@ def load_results(path):
 
 def parse_results(text):
     """load_results on the text of a results.tsv; `line` counts the lines of `text` from 1, the BOM removed."""
-    text = text.lstrip("\ufeff")
     warnings, rows = [], []
-    width = None  # fields per row: 5, 11, 13 or 18
-    for lineno, raw in enumerate(text.splitlines(), start=1):
-        line = raw.rstrip("\r")
+    width = None  # fields per row, from the header: 5, 11, 13 or 18
+    for lineno, line in enumerate(text.lstrip("\ufeff").splitlines(), start=1):
         if not line.strip():
             continue
         fields = [f.strip() for f in line.split("\t")]
-        lower = [f.lower() for f in fields]
-        if lower[:5] == COLUMNS and lower == HEADER[:len(lower)]:
+        if _is_header([f.lower() for f in fields]):
             if width is not None or rows:
                 warnings.append(f"line {lineno}: repeated header; skipped")
             width = width or len(fields)
@@ -105,55 +112,47 @@ def parse_results(text):
             warnings.append(f"line {lineno}: expected {expected} tab-separated fields, found {len(fields)}{hint}; "
                             "skipped")
             continue
-        fields += [""] * (len(HEADER) - len(fields))
-        commit, val_bpb, memory_gb, status, description = fields[:5]
-        try:
-            val_bpb = float(val_bpb)
-            if not math.isfinite(val_bpb):
-                raise ValueError
-        except ValueError:
-            warnings.append(f"line {lineno}: val_bpb {val_bpb!r} is not a number; skipped")
+        row = dict(zip(HEADER, fields + [""] * (len(HEADER) - len(fields))), line=lineno)
+        val_bpb = _finite(row["val_bpb"])
+        if val_bpb is None:
+            warnings.append(f"line {lineno}: val_bpb {row['val_bpb']!r} is not a number; skipped")
             continue
         try:
-            memory_gb = float(memory_gb)
+            memory_gb = float(row["memory_gb"])
         except ValueError:
-            warnings.append(f"line {lineno}: memory_gb {memory_gb!r} is not a number; read as missing")
+            warnings.append(f"line {lineno}: memory_gb {row['memory_gb']!r} is not a number; read as missing")
             memory_gb = float("nan")
-        status = status.lower()
+        status = row["status"].lower()
         if status not in STATUSES:
             warnings.append(f"line {lineno}: unknown status {status!r} (expected keep, discard, crash or pending)")
         elif status == "keep" and val_bpb <= 0:
             warnings.append(f"line {lineno}: status keep but val_bpb is {val_bpb}; not counted as a result")
-        extra = dict(zip(EXTRA, fields[5:]))
-        rows.append(dict(extra, commit=commit, val_bpb=val_bpb, memory_gb=memory_gb, status=status,
-                         description=description, seed=_int_or_none(extra["seed"]),
-                         num_steps=_int_or_none(extra["num_steps"]), verdict=extra["verdict"].lower(), line=lineno))
-    df = pd.DataFrame(rows, columns=HEADER + ["line"])
-    df = df.astype({c: str for c in HEADER if c not in ("val_bpb", "memory_gb", "seed", "num_steps")})
-    return df.astype({"val_bpb": float, "memory_gb": float, "seed": object, "num_steps": object, "line": int}), warnings
+        rows.append(dict(row, val_bpb=val_bpb, memory_gb=memory_gb, status=status, verdict=row["verdict"].lower(),
+                         seed=_int_or_none(row["seed"]), num_steps=_int_or_none(row["num_steps"])))
+    df = pd.DataFrame(rows, columns=HEADER + ["line"], dtype=object)  # text fields are str, seeds int or None
+    return df.astype({"val_bpb": float, "memory_gb": float, "line": int}), warnings
 
 
 # -----------------------------------------------------------------------------
 # The evidence: which runs count, and the night they make
 
 
-def _results(df):
-    """Runs with a result that were not refused and are not confirmation runs (the morning's check)."""
-    return df[(df["val_bpb"] > 0) & ~df["verdict"].isin(["refused", "confirm"])]
-
-
 def _decisions(df):
+    """Every row but the confirmation runs (the morning's check, which decides nothing)."""
     return df[df["verdict"] != "confirm"]
 
 
-def conditions(row):
-    """What a run must share with another to be compared with it."""
-    return {k: row[k] for k in MATCHED}
+def _results(df):
+    """The runs that count: with a result, neither refused nor confirmation runs."""
+    return df[(df["val_bpb"] > 0) & ~df["verdict"].isin(["refused", "confirm"])]
+
+
+def _kept(df):
+    return set(_results(df).query("status == 'keep'")["commit"])
 
 
 def _differs(row, like):
-    """The conditions in which `row` differs from `like` ([] when comparable; an empty field, from an older file,
-    matches anything)."""
+    """The conditions in which `row` differs from `like`; an empty field (an older file) matches anything."""
     return [k for k in MATCHED if row[k] and like[k] and str(row[k]) != str(like[k])]
 
 
@@ -163,28 +162,25 @@ def _describe(row, keys=MATCHED):
 
 
 def best_commit(df, before=None):
-    """The best: the commit the branch is at after the last keep, i.e. the last commit (in order of first appearance)
-    whose runs are kept, of those before `before` (the commit being judged) if given. None before the baseline has a
-    result."""
+    """The best: the commit the branch is at after the last keep, of those before `before` (the commit being judged)
+    if given; None before the baseline has a result."""
     commits = list(dict.fromkeys(_decisions(df)["commit"]))
     if before in commits:
         commits = commits[:commits.index(before)]
-    runs = _results(_decisions(df))
-    kept = set(runs.loc[runs["status"] == "keep", "commit"])
+    kept = _kept(df)
     return next((c for c in reversed(commits) if c in kept), None)
 
 
 def night_conditions(df):
     """The night's conditions: the baseline's first counted run's (None before it has one)."""
-    runs = _results(_decisions(df))
-    return conditions(runs.iloc[0]) if len(runs) else None
+    runs = _results(df)
+    return {k: runs.iloc[0][k] for k in MATCHED} if len(runs) else None
 
 
 def speed(rows):
-    """How fast each commit's runs went: ({line: note} of runs left out, {commit: (min, max) steps} of commits whose
-    runs disagree). A commit's runs agree when more than half of them are within STEP_TOLERANCE of their median
-    num_steps; then the others (three runs or more) are left out: a cold start, a moment of load. When they do not
-    agree, the machine's speed swings and every run counts: none could be called the odd one."""
+    """({line: note} of runs left out, {commit: (min, max) steps} of commits whose runs disagree in speed). When most
+    of a commit's runs agree, the others (of three or more) are a cold start and left out; when they do not, the
+    machine's speed swings and every run counts: none could be called the odd one."""
     by_commit, out, swings = {}, {}, {}
     for r in rows:
         if r["num_steps"] is not None:
@@ -201,35 +197,16 @@ def speed(rows):
     return out, swings
 
 
-def evidence(df, like):
-    """The runs that count under the conditions `like`: {commit: {seed: val_bpb}} in order of first appearance,
-    repeats under one seed averaged; {(commit, seed): init_fingerprint}; {line: note} of the runs left out; the
-    commits whose speed swings; {commit: median num_steps}. A run without a seed (an older file) counts as a seed of
-    its own."""
-    rows = [r for r in _results(_decisions(df)).to_dict("records") if not _differs(r, like)]
-    left_out, swings = speed(rows)
-    values, fingerprints, steps = {}, {}, {}
-    for r in rows:
-        if r["line"] not in left_out:
-            seed = r["seed"] if r["seed"] is not None else f"line {r['line']}"
-            values.setdefault(r["commit"], {}).setdefault(seed, []).append(r["val_bpb"])
-            fingerprints.setdefault((r["commit"], seed), r["init_fingerprint"])
-            if r["num_steps"] is not None:
-                steps.setdefault(r["commit"], []).append(r["num_steps"])
-    values = {c: {s: sum(v) / len(v) for s, v in seeds.items()} for c, seeds in values.items()}
-    return values, fingerprints, left_out, swings, {c: statistics.median(s) for c, s in steps.items()}
-
-
 def same_init(fingerprints, commit, base, seeds):
     """Whether `commit` started from `base`'s initial weights under every one of `seeds` (equal fingerprints)."""
     return all(fingerprints.get((commit, s)) and fingerprints.get((commit, s)) == fingerprints.get((base, s))
                for s in seeds)
 
 
-def walk(values, kept, fingerprints, until=None):
-    """The night through judge.py, commit by commit in order, the first the baseline: ({commit: (the night before it,
-    its comparison with the best then)}, the night after the last commit before `until`). (None, None) when the
-    baseline has fewer than two seeds: no noise is measured."""
+def walk(values, kept, fingerprints):
+    """The night through judge.py, commit by commit, the first the baseline: ({commit: (the night before it, its
+    comparison with the best then)}, the night after the last). (None, None) while the baseline has fewer than two
+    seeds: no noise is measured."""
     commits = list(values)
     base = values[commits[0]]
     if len(base) < 2:
@@ -238,11 +215,8 @@ def walk(values, kept, fingerprints, until=None):
     night = rule_.start(np.array([list(base.values())]), np.array([pair]))
     seen = {}
     for commit in commits[1:] if night.ss[0] > 0 else []:  # no spread: the seed reaches nothing (judge says so)
-        if commit == until:
-            break
         runs = values[commit]
-        same = same_init(fingerprints, commit, commits[0], [s for s in runs if s in SEEDS])
-        r = rule_.Runs.of(runs, same)
+        r = rule_.Runs.of(runs, same_init(fingerprints, commit, commits[0], [s for s in runs if s in SEEDS]))
         seen[commit] = (night, rule_.compare(night, r))
         night = rule_.step(night, r, np.array([commit in kept]))
     return seen, night
@@ -255,19 +229,31 @@ def noise_of(night):
         return {"sigma": None, "dof": 0, "floor": None, "spread": None, "spread_dof": 0}
     on = bool(night.on[0]) and night.paired_dof[0] >= 1
     return {"sigma": float(night.sigma[0]), "dof": int(night.dof[0]), "floor": float(night.floor[0]),
-            "spread": float(np.sqrt(night.tau2[0])) if on else None, "spread_dof": int(night.paired_dof[0]) if on else 0}
+            "spread": float(np.sqrt(night.tau2[0])) if on else None,
+            "spread_dof": int(night.paired_dof[0]) if on else 0}
 
 
 def the_night(df):
-    """Everything the verdicts and the report read: the night's conditions, evidence, walk and noise."""
+    """Everything the verdicts and the report read (None before a run counts). values: {commit: {seed: val_bpb}} of
+    the runs that count, repeats under a seed averaged; a run without a seed (an older file) is a seed of its own."""
     like = night_conditions(df)
     if like is None:
         return None
-    values, fingerprints, left_out, swings, steps = evidence(df, like)
-    kept = set(_results(_decisions(df)).loc[lambda r: r["status"] == "keep", "commit"])
-    seen, night = walk(values, kept, fingerprints) if values else (None, None)
+    rows = [r for r in _results(df).to_dict("records") if not _differs(r, like)]
+    left_out, swings = speed(rows)
+    values, fingerprints, steps = {}, {}, {}
+    for r in rows:
+        if r["line"] not in left_out:
+            seed = r["seed"] if r["seed"] is not None else f"line {r['line']}"
+            values.setdefault(r["commit"], {}).setdefault(seed, []).append(r["val_bpb"])
+            fingerprints.setdefault((r["commit"], seed), r["init_fingerprint"])
+            if r["num_steps"] is not None:
+                steps.setdefault(r["commit"], []).append(r["num_steps"])
+    values = {c: {s: sum(v) / len(v) for s, v in seeds.items()} for c, seeds in values.items()}
+    seen, night = walk(values, _kept(df), fingerprints) if values else (None, None)
     return {"like": like, "values": values, "fingerprints": fingerprints, "left_out": left_out, "swings": swings,
-            "steps": steps, "seen": seen or {}, "night": night, "noise": noise_of(night)}
+            "steps": {c: statistics.median(s) for c, s in steps.items()}, "seen": seen or {}, "night": night,
+            "noise": noise_of(night)}
 
 
 # -----------------------------------------------------------------------------
@@ -279,23 +265,24 @@ def _plural(n, word):
 
 
 def _line(head, notes):
-    """The verdict line: its head, then the notes while it stays within VERDICT_CHARS."""
-    line = head + "".join(f"; {n}" for n in notes)
-    if len(line) > VERDICT_CHARS:
-        line = head + "; more in `uv run analysis.py judge`"
-    return line
+    """The verdict line: its head, then the notes in order while it stays within VERDICT_CHARS."""
+    more = "; more in `uv run analysis.py judge`"
+    for i, note in enumerate(notes):
+        if len(head) + len(f"; {note}") + (len(more) if i < len(notes) - 1 else 0) > VERDICT_CHARS:
+            return head + more
+        head += f"; {note}"
+    return head
 
 
-def _speed_note(n, commit, best):
-    """One clause when the machine's speed swings and it touches this verdict (None otherwise): this commit's runs
-    disagree in steps, or its steps differ from the best's."""
+def _speed_notes(n, commit, best):
+    """[a note] when the machine's speed swings and that touches this commit or its comparison with the best."""
     mine, theirs = n["steps"].get(commit), n["steps"].get(best)
     if commit in n["swings"]:
         lo, hi = n["swings"][commit]
-        return f"its runs made {lo}-{hi} steps: the machine's speed swings (see `uv run analysis.py`)"
+        return [f"its runs made {lo}-{hi} steps: the machine's speed swings (see `uv run analysis.py`)"]
     if n["swings"] and mine and theirs and abs(mine - theirs) > STEP_TOLERANCE * max(mine, theirs):
-        return f"{mine:g} steps against the best's {theirs:g}: the machine's speed swings, so this measures it too"
-    return None
+        return [f"{mine:g} steps against the best's {theirs:g}: the machine's speed swings, so this measures it too"]
+    return []
 
 
 def judge(df, commit=None, rule="noise"):
@@ -322,33 +309,37 @@ def judge(df, commit=None, rule="noise"):
                                           f"{_describe(n['like'], keys)}; not comparable: fix that and rerun with "
                                           f"seed {seed}", seed=seed)
     baseline = df["commit"].iloc[0]
-    notes = [n["left_out"][r] for r in mine["line"] if r in n["left_out"]]
+    left_out = [n["left_out"][r] for r in mine["line"] if r in n["left_out"]]
     if commit == baseline:
         have = n["values"].get(commit, {})
         missing = [s for s in BASELINE_SEEDS if s not in have]
-        speed_note = _speed_note(n, commit, commit)
-        if rule == "noise" and missing:
+        if rule == "noise" and missing:  # the baseline is the best from its first run on
             head = (f"rerun with seed {missing[0]}: baseline {len(have)} of {len(BASELINE_SEEDS)} seeds "
                     f"({', '.join(map(str, BASELINE_SEEDS))}) to measure the noise")
-            return Verdict("rerun", "keep", _line(head, notes[-1:] + [speed_note] * bool(speed_note)),
-                           seed=missing[0], evidence=notes)  # the baseline is the best from its first run on
+            return Verdict("rerun", "keep", _line(head, left_out[-1:] + _speed_notes(n, commit, commit)),
+                           seed=missing[0], evidence=left_out)
         nz = noise_of(walk({commit: have}, set(), n["fingerprints"])[1])
         head = f"keep: baseline {commit} {np.mean(list(have.values())):.6f} ({_plural(len(have), 'seed')})" + (
             f", noise floor {nz['floor']:.6f} (sigma {nz['sigma']:.6f}, {nz['dof']} dof)" if nz["floor"] else "")
-        return Verdict("keep", "keep", _line(head, [speed_note] * bool(speed_note) + notes), evidence=notes,
+        return Verdict("keep", "keep", _line(head, _speed_notes(n, commit, commit) + left_out), evidence=left_out,
                        floor=nz["floor"])
 
     best = best_commit(df, commit)
     if best is None:
         return Verdict("refused", "discard", "refused: no kept result to compare with (the baseline has not run)")
+    if valid.empty:
+        return Verdict("refused", status, f"refused: no run of {commit} counts yet (each was refused); rerun it with "
+                                          f"seed {seed}", seed=seed)
+    flags = flag_text(row_flags(mine))
+    flagged = [f"flagged for the morning: {flags}"] if flags else []
     if rule == "plain":  # the reference: one run, strictly lower than the best
         best_bpb = float(np.mean(list(n["values"][best].values())))
         v = float(valid["val_bpb"].iloc[0])
         verdict = "keep" if v < best_bpb else "discard"
-        return Verdict(verdict, verdict, _line(f"{verdict}: {commit} {v:.6f} vs best {best} {best_bpb:.6f} "
-                                               f"({'better' if v < best_bpb else 'not better'} by {abs(v - best_bpb):.6f}"
-                                               "; plain rule: keep only if strictly lower)", flags_note(mine)),
-                       best=best, diff=best_bpb - v)
+        better = "better" if v < best_bpb else "not better"
+        head = (f"{verdict}: {commit} {v:.6f} vs best {best} {best_bpb:.6f} ({better} by {abs(v - best_bpb):.6f}; "
+                "plain rule: keep only if strictly lower)")
+        return Verdict(verdict, verdict, _line(head, flagged), best=best, diff=best_bpb - v)
     cand = n["values"].get(commit, {})
     if n["night"] is None:
         return Verdict("refused", status, f"refused: no noise measured yet; rerun the baseline {baseline} under "
@@ -358,16 +349,18 @@ def judge(df, commit=None, rule="noise"):
                                           "same, so the seed does not reach the initial weights (check "
                                           "AUTORESEARCH_SEED and SEED in train.py); nothing can be judged")
     if not cand:
-        return Verdict("rerun", "pending", _line(f"rerun with seed {seed}: every run of {commit} was left out", notes),
-                       seed=seed, evidence=notes)
+        return Verdict("rerun", "pending", _line(f"rerun with seed {seed}: every run of {commit} was left out",
+                                                 left_out), seed=seed, evidence=left_out)
     night, c = n["seen"][commit]
     z, dof, diff = float(c.z[0]), float(c.dof[0]), float(c.diff[0])
     verdict = str(rule_.decide(night, rule_.Runs.of(cand), c)[0])
     floor = float(night.floor[0])
+    keep_one = float(rule_.bar(rule_.KEEP_ONE, dof))
+    discard_one = float(rule_.bar(rule_.DISCARD_ONE, dof))
+    keep_two = float(rule_.bar(rule_.KEEP_TWO, dof))
     one_run = len(cand) == 1
-    keep_at = float(rule_.bar(rule_.KEEP_ONE if one_run else rule_.KEEP_TWO, dof))
-    bars = (f"keep at >= {keep_at:.2f}, discard at <= {float(rule_.bar(rule_.DISCARD_ONE, dof)):.2f}" if one_run
-            else f"keep at >= {keep_at:.2f}")
+    keep_at = keep_one if one_run else keep_two
+    bars = f"keep at >= {keep_at:.2f}" + (f", discard at <= {discard_one:.2f}" if one_run else "")
     next_seed = next((s for s in SEEDS if s not in cand), None)
     action = verdict
     if status == "keep":  # kept already (by hand, with mark): it stays kept
@@ -381,29 +374,30 @@ def judge(df, commit=None, rule="noise"):
             f"{c.shown[0]:.6f}{' seed for seed' if c.paired[0] else ''}: "
             f"{'better' if diff > 0 else 'worse' if diff < 0 else 'equal'} by {abs(diff):.6f} = "
             f"{abs(diff) / floor:.1f} noise floors, z {z:+.2f} ({bars})")
-    speed_note = _speed_note(n, commit, best)
-    notes = ([f"{_plural(len(notes), 'run')} left out (other step counts)"] if notes else []) + \
-        [speed_note] * bool(speed_note)
+    notes = [f"{_plural(len(left_out), 'run')} left out (other step counts)"] * bool(left_out)
+    notes += _speed_notes(n, commit, best)
     if verdict == "keep" and diff > IMPLAUSIBLE_FLOORS * floor:
         notes.append(f"check this: {diff / floor:.0f} noise floors is a lot for one edit")
-    ev = [f"candidate {commit}: " + ", ".join(f"seed {s} {v:.6f}" for s, v in cand.items()),
-          f"best {best}: " + ", ".join(f"seed {s} {v:.6f}" for s, v in n["values"][best].items())
-          + f"; estimated {night.mu[0]:.6f} (sd {np.sqrt(night.v[0]):.6f}) from {_plural(night.experiments + 1, 'commit')}"
-            " (a kept commit's runs carry its luck; every commit's runs inform the estimate)",
-          f"error {c.se[0]:.6f}: " + (f"seed for seed, the best under these seeds sd {c.shown_sd[0]:.6f} and a run's "
-                                     f"spread {np.sqrt(night.tau2[0]):.6f} ({night.paired_dof[0]:g} dof)" if c.paired[0]
-                                     else f"sqrt(sigma {night.sigma[0]:.6f}^2 / {len(cand)} + the best's sd "
-                                          f"{np.sqrt(night.v[0]):.6f}^2), sigma on {night.dof[0]:g} dof"),
-          f"noise floor {floor:.6f} (sqrt(2) * sigma); bars at {dof:g} dof: one run keep z >= "
-          f"{float(rule_.bar(rule_.KEEP_ONE, dof)):.2f}" + ("" if night.dof[0] >= rule_.ONE_RUN_KEEP_DOF else
-                                                            f" (once sigma has {rule_.ONE_RUN_KEEP_DOF} dof)")
-          + f", discard z <= {float(rule_.bar(rule_.DISCARD_ONE, dof)):.2f}; two runs keep z >= "
-            f"{float(rule_.bar(rule_.KEEP_TWO, dof)):.2f}"]
-    ev += [n["left_out"][r] for r in mine["line"] if r in n["left_out"]]
-    ev += [f"the machine's speed swings: {c_}'s runs made {lo}-{hi} steps" for c_, (lo, hi) in n["swings"].items()]
-    return Verdict(verdict, "pending" if verdict == "rerun" else "keep" if verdict == "keep" else "discard",
-                   _line(head, notes + flags_note(mine)), seed=next_seed if verdict == "rerun" else None,
-                   evidence=ev, best=best, diff=diff, z=z, floor=floor, paired=bool(c.paired[0]))
+    if verdict == "discard" and streak(df) >= NUDGE_AFTER:
+        notes.insert(0, f"{streak(df)} discards in a row: try something structurally different")
+    sd = np.sqrt(night.v[0])
+    evidence = [
+        f"candidate {commit}: " + ", ".join(f"seed {s} {v:.6f}" for s, v in cand.items()),
+        f"best {best}: " + ", ".join(f"seed {s} {v:.6f}" for s, v in n["values"][best].items())
+        + f"; estimated {night.mu[0]:.6f} (sd {sd:.6f}) from {_plural(night.experiments + 1, 'commit')}"
+          " (a kept commit's runs carry its luck; every commit's runs inform the estimate)",
+        f"error {c.se[0]:.6f}: " + (f"seed for seed, the best under these seeds sd {c.shown_sd[0]:.6f} and a run's "
+                                   f"spread {np.sqrt(night.tau2[0]):.6f} ({night.paired_dof[0]:g} dof)" if c.paired[0]
+                                   else f"sqrt(sigma {night.sigma[0]:.6f}^2 / {len(cand)} + the best's sd "
+                                        f"{sd:.6f}^2), sigma on {night.dof[0]:g} dof"),
+        f"noise floor {floor:.6f} (sqrt(2) * sigma); bars at {dof:g} dof: one run keep z >= {keep_one:.2f}"
+        + ("" if night.dof[0] >= rule_.ONE_RUN_KEEP_DOF else f" (once sigma has {rule_.ONE_RUN_KEEP_DOF} dof)")
+        + f", discard z <= {discard_one:.2f}; two runs keep z >= {keep_two:.2f}",
+        *left_out,
+        *(f"the machine's speed swings: {c_}'s runs made {lo}-{hi} steps" for c_, (lo, hi) in n["swings"].items())]
+    return Verdict(verdict, "pending" if verdict == "rerun" else verdict, _line(head, notes + flagged),
+                   seed=next_seed if verdict == "rerun" else None, evidence=evidence, best=best, diff=diff, z=z,
+                   floor=floor, paired=bool(c.paired[0]))
 
 
 # -----------------------------------------------------------------------------
@@ -411,24 +405,18 @@ def judge(df, commit=None, rule="noise"):
 
 
 def confirmation(df):
-    """The morning's check: the baseline and the best, each under every seed of CONFIRM_SEEDS.
-
-    Returns None when there is nothing to confirm (no change kept), else a dict: baseline, best, todo [(commit,
-    seed)] in the order to run them, done, needed, and once every run is in: gain (baseline mean - best mean over the
-    confirmation runs), se, dof, ci (95% interval), paired, confirmed (the interval is above zero), floor, and the
-    held-out part's gain. Its noise is the night's (noise_of), seed for seed when the best starts from the baseline's
-    initial weights and that is the tighter test."""
-    decisions = _decisions(df)
-    results = _results(decisions)
+    """The morning's check of the baseline and the best under CONFIRM_SEEDS: None when no change was kept, else what
+    is still to run (todo) and, once every run is in, the gain with its 95% interval (ci), confirmed when it is above
+    zero, and the held-out part's gain. The noise is the night's, seed for seed where that is the tighter test."""
+    results = _results(df)
     if results.empty:
         return None
-    baseline, best = results["commit"].iloc[0], best_commit(decisions)
+    baseline, best = results["commit"].iloc[0], best_commit(df)
     if best is None or best == baseline:
         return None
     like = night_conditions(df)
-    runs = df[(df["verdict"] == "confirm") & (df["val_bpb"] > 0)]
     got, held, prints = {baseline: {}, best: {}}, {baseline: {}, best: {}}, {}
-    for r in runs.to_dict("records"):
+    for r in df[(df["verdict"] == "confirm") & (df["val_bpb"] > 0)].to_dict("records"):
         if r["commit"] in got and r["seed"] in CONFIRM_SEEDS and not _differs(r, like):
             got[r["commit"]].setdefault(r["seed"], []).append(r["val_bpb"])
             prints[r["commit"], r["seed"]] = r["init_fingerprint"]
@@ -439,10 +427,10 @@ def confirmation(df):
     todo = [(c, s) for s in CONFIRM_SEEDS for c in (baseline, best) if s not in got[c]]
     out = {"baseline": baseline, "best": best, "seeds": list(CONFIRM_SEEDS), "todo": todo,
            "done": sum(len(v) for v in got.values()), "needed": 2 * len(CONFIRM_SEEDS), "gain": None}
-    n = the_night(df)
-    if todo or n["night"] is None:
+    night = the_night(df)["night"]
+    if todo or night is None:
         return out
-    night, k = n["night"], len(CONFIRM_SEEDS)
+    k = len(CONFIRM_SEEDS)
     paired = same_init(prints, best, baseline, CONFIRM_SEEDS) and bool(night.on[0]) and \
         night.paired_dof[0] >= rule_.PAIRED_MIN_DOF
     se_u, se_p = float(night.sigma[0]) * math.sqrt(2 / k), math.sqrt(2 * float(night.tau2[0]) / k)
@@ -455,32 +443,29 @@ def confirmation(df):
 
     g = gain(got)
     out.update(gain=g, se=se, dof=dof, paired=bool(paired), ci=[g - half, g + half], confirmed=g - half > 0,
-               floor=n["noise"]["floor"], heldout_gain=None)
+               floor=noise_of(night)["floor"], heldout_gain=None)
     if all(set(held[c]) == set(got[c]) for c in held):  # every run scored the held-out part too
         h = gain(held)
         out.update(heldout_gain=h, heldout_ci=[h - half, h + half], heldout_holds=g <= 0 or h >= HELDOUT_SHARE * g)
     return out
 
 
-def heldout_text(conf):
-    """The held-out part's gain next to the confirmed one, and whether the gain holds there."""
-    if conf.get("heldout_gain") is None:
-        return ""
-    lo, hi = conf["heldout_ci"]
-    return (f"; on the held-out part {conf['heldout_gain']:+.6f} (95% interval {lo:+.6f} to {hi:+.6f})"
-            + ("" if conf["heldout_holds"] else f": the gain does not hold there (less than {HELDOUT_SHARE:.0%} of "
-                                                "it): the night may have fitted the validation set"))
-
-
 def gain_text(conf):
-    """The confirmed gain in words that say whether it is one: the interval above zero, or not."""
+    """The confirmed gain in words: whether it is one (its interval above zero), and whether it holds held out."""
     lo, hi = conf["ci"]
     floors = f" = {conf['gain'] / conf['floor']:.1f} noise floors" if conf.get("floor") else ""
-    verdict = "confirmed" if conf["confirmed"] else "not confirmed"
     why = "" if conf["confirmed"] else ": the 95% interval includes zero or less, so the night's gain may be noise"
-    return (f"{verdict}: best {conf['best']} vs baseline {conf['baseline']}: gain {conf['gain']:+.6f}{floors} (95% "
-            f"interval {lo:+.6f} to {hi:+.6f}; {'seed for seed' if conf['paired'] else 'unpaired'}, {conf['dof']} dof, "
-            f"seeds {', '.join(map(str, conf['seeds']))}){why}" + heldout_text(conf))
+    text = (f"{'confirmed' if conf['confirmed'] else 'not confirmed'}: best {conf['best']} vs baseline "
+            f"{conf['baseline']}: gain {conf['gain']:+.6f}{floors} (95% interval {lo:+.6f} to {hi:+.6f}; "
+            f"{'seed for seed' if conf['paired'] else 'unpaired'}, {conf['dof']} dof, seeds "
+            f"{', '.join(map(str, conf['seeds']))}){why}")
+    if conf.get("heldout_gain") is not None:
+        lo, hi = conf["heldout_ci"]
+        text += f"; on the held-out part {conf['heldout_gain']:+.6f} (95% interval {lo:+.6f} to {hi:+.6f})"
+        if not conf["heldout_holds"]:
+            text += (f": the gain does not hold there (less than {HELDOUT_SHARE:.0%} of it): the night may have "
+                     "fitted the validation set")
+    return text
 
 
 def confirmation_line(conf):
@@ -497,14 +482,13 @@ def confirmation_line(conf):
         return "not confirmed: no noise measured (the baseline ran under one seed)"
     return gain_text(conf)
 
+
 # -----------------------------------------------------------------------------
 # Checking a run before it counts: the receipt prepare.py printed, git, the seed
 #
-# train.py prints the summary, but prepare.py's evaluate_bpb measured the number and printed a receipt of what it
-# scored. A run is recorded only when the receipt agrees with the summary and with the baseline's runs, no file but
-# train.py differs from the baseline's commit, the commit that ran is the one recorded and nothing uncommitted ran
-# with it, and a verdict asked for its seed. What a diff of train.py touches is named, never refused: a person
-# decides in the morning. The threat is an agent taking a shortcut, not a forger (docs/reliability.md).
+# prepare.py's evaluate_bpb measured the number and printed a receipt of what it scored; train.py only prints it.
+# What a diff of train.py touches is named, never refused: a person decides in the morning. The threat is an agent
+# taking a shortcut, not a forger (docs/reliability.md).
 
 RECEIPT_KEYS = {"tokens": "the tokens scored", "bytes": "the bytes counted", "sum": "the tokens scored",
                 "val": "the validation shard", "table": "the token-byte table", "prepare": "prepare.py",
@@ -534,7 +518,9 @@ REFUSALS = {"dirty": "with uncommitted changes", "git": "outside the night's rep
 # baseline's plus 10% of the budget (at least 10 s); or no batch from make_dataloader at all
 RUN_FLAGS = {"wall": "more wall clock from first batch to evaluation than the baseline's",
              "loader": "no training batch from make_dataloader"}
-IMPLAUSIBLE_FLOORS = 10  # a gain this many noise floors from one edit is checked by a person in the morning
+# A log collected with `sky logs` (skypilot.yaml) has SkyPilot's prefix on every line of the job's output,
+# "(autoresearch, pid=4242) val_bpb: ...", in color on some clusters; it is not part of what train.py printed.
+SKYPILOT_PREFIX = re.compile(r"^(?:\x1b\[[0-9;]*m)*\([^()\n]*\bpid=\d+[^()\n]*\)(?:\x1b\[[0-9;]*m)* ?", re.M)
 
 
 def parse_receipts(text):
@@ -557,6 +543,7 @@ def receipt_field(receipt):
 
 
 def parse_receipt_field(text):
+    """A results.tsv receipt field as {key: string}."""
     return dict(kv.split("=", 1) for kv in (text or "").split() if "=" in kv)
 
 
@@ -565,7 +552,7 @@ def asked_seeds(before, commit, rule, confirm):
     if confirm:
         conf = confirmation(before)
         return [s for c, s in (conf["todo"] if conf else []) if c == commit]
-    decisions = before[before["verdict"] != "confirm"]
+    decisions = _decisions(before)
     mine = decisions[decisions["commit"] == commit]
     if mine.empty:
         return [SEEDS[0]]  # SEED in train.py
@@ -574,10 +561,11 @@ def asked_seeds(before, commit, rule, confirm):
     return [v.seed if v.seed is not None else last] if v.verdict in ("rerun", "refused", "crash") else []
 
 
-def check_run(before, summary, receipts, commit, rule="noise", confirm=False, repo="."):
+def check_run(before, summary, receipts, commit, rule="noise", confirm=False, repo=".", train_py=""):
     """Whether a run may be recorded: (refusal, flags, receipt). refusal is None or (code, the verdict line);
-    flags the codes of DIFF_FLAGS and RUN_FLAGS that apply; receipt the one evaluate_bpb printed, or None."""
-    decisions = before[before["verdict"] != "confirm"]
+    flags the codes of DIFF_FLAGS and RUN_FLAGS that apply; receipt the one evaluate_bpb printed, or None.
+    train_py: the blob of the commit's train.py, refused when a commit judged before ran the same file."""
+    decisions = _decisions(before)
     base = decisions["commit"].iloc[0] if len(decisions) else commit
     seed = _int_or_none(summary.get("seed"))
     asked = asked_seeds(before, commit, rule, confirm)
@@ -596,6 +584,12 @@ def check_run(before, summary, receipts, commit, rule="noise", confirm=False, re
         return ("files", f"refused: {commit} changes {', '.join(others)} against the baseline {base}; only "
                          f"{EDITABLE} may change: restore them (git checkout {base} -- <file>), amend the commit, "
                          f"then {again}"), [], None
+    same = decisions[(decisions["train_py"] == train_py) & (decisions["commit"] != commit)
+                     & (decisions["verdict"] != "refused")] if train_py and not confirm else decisions.iloc[:0]
+    if len(same) and not (decisions["commit"] == commit).any():
+        first = same.iloc[0]
+        return ("again", f"refused: train.py repeats {first['commit']} ({first['status']}: {first['description']}), "
+                         "judged already: reset (git reset --hard HEAD~1) and try another idea"), [], None
     r = receipts[0] if len(receipts) == 1 and receipts[0] else None
     rows = [(line, parse_receipt_field(f)) for line, f in zip(before["line"], before["receipt"]) if f]
     if r and r["commit"] and not r["commit"].startswith(commit):
@@ -635,8 +629,9 @@ def check_run(before, summary, receipts, commit, rule="noise", confirm=False, re
         return ("dirty", f"refused: the run started with uncommitted changes to {', '.join(r['dirty'])}, so no "
                          f"commit holds what ran: commit it (or undo them), then {again}"), [], r
     this = parse_receipt_field(receipt_field(r))
-    counted = decisions[(decisions["commit"] == base) & (decisions["verdict"] != "refused")]
-    like = [f for line, f in rows if line in set(counted["line"])]
+    # the baseline's counted runs: what every run of the night is scored like, and how long they took
+    like = [parse_receipt_field(f) for f in decisions.loc[(decisions["commit"] == base)
+                                                          & (decisions["verdict"] != "refused"), "receipt"] if f]
     differ = sorted({RECEIPT_KEYS[k] for k in RECEIPT_KEYS if like and like[0].get(k) != this.get(k)})
     if confirm:
         hsums = {f["hsum"] for line, f in rows if "hsum" in f}
@@ -645,22 +640,16 @@ def check_run(before, summary, receipts, commit, rule="noise", confirm=False, re
         return ("baseline", f"refused: evaluate_bpb scored this run on other terms than the baseline {base}'s: "
                             f"{', '.join(differ)} differ; only {EDITABLE} changes, never what is scored: undo "
                             f"that, then {again}"), [], r
-    return None, [] if confirm or commit == base else flags_of(decisions, commit, r, like_wall(before, base), repo), r
+    return None, [] if confirm or commit == base else flags_of(decisions, commit, r, like, repo), r
 
 
-def like_wall(before, base):
-    """The baseline's runs' seconds from their first training batch to evaluation, past their time budget."""
-    rows = before[(before["commit"] == base) & ~before["verdict"].isin(["confirm", "refused"])]
-    return [float(f["wall"]) - float(f.get("budget", 0)) for f in map(parse_receipt_field, rows["receipt"])
-            if "wall" in f]
-
-
-def flags_of(decisions, commit, receipt, base_excess, repo):
+def flags_of(decisions, commit, receipt, base_receipts, repo):
     """The DIFF_FLAGS that the diff of train.py against the best it is compared with touches, and the RUN_FLAGS."""
     best = best_commit(decisions, commit) or decisions["commit"].iloc[0]
     diff = _git_lines(repo, "diff", "-U0", best, commit, "--", EDITABLE) or []
     changed = "\n".join(line[1:] for line in diff if line[:1] in "+-" and line[:3] not in ("+++", "---"))
     flags = [k for k, (pattern, _) in DIFF_FLAGS.items() if re.search(pattern, changed)]
+    base_excess = [float(f["wall"]) - float(f.get("budget", 0)) for f in base_receipts if "wall" in f]
     excess = receipt["wall"] - receipt["budget"] if receipt.get("wall") is not None else None  # warm-up and more
     slack = 2 * max(statistics.median(base_excess), 0) + max(0.1 * receipt["budget"], 10) if base_excess else None
     if excess is not None and slack is not None and excess > slack:
@@ -677,28 +666,19 @@ def flag_text(codes):
 
 
 def row_flags(rows):
-    """The flag codes of a commit's rows that were not refused, each once, in order."""
-    codes = ",".join(rows.loc[rows["verdict"] != "refused", "flags"].fillna("")).split(",")
+    """The flag codes of a commit's rows (a DataFrame or row dicts) that were not refused, each once, in order."""
+    rows = rows.to_dict("records") if isinstance(rows, pd.DataFrame) else rows
+    codes = ",".join(r["flags"] or "" for r in rows if r["verdict"] != "refused").split(",")
     return list(dict.fromkeys(c for c in codes if c))
 
-
-def flags_note(rows):
-    """The verdict's note naming the commit's flags for the morning ([] when there are none)."""
-    text = flag_text(row_flags(rows))
-    return [f"flagged for the morning: {text}"] if text else []
 
 # -----------------------------------------------------------------------------
 # Recording a run: run.log -> one row, appended under a lock
 
 
-# A log collected with `sky logs` (skypilot.yaml) has SkyPilot's prefix on every line of the job's output,
-# "(autoresearch, pid=4242) val_bpb: ...", in color on some clusters; it is not part of what train.py printed.
-SKYPILOT_PREFIX = re.compile(r"^(?:\x1b\[[0-9;]*m)*\([^()\n]*\bpid=\d+[^()\n]*\)(?:\x1b\[[0-9;]*m)* ?", re.M)
-
-
 def parse_log(text):
-    """The summary block after the last `---` line of a train.py log, as {key: string}; {} if there is none.
-    The seed is also read from the start-up line, so a crashed run still records it."""
+    """The summary block after the last `---` line of a train.py log, as {key: string}; {} if there is none. The seed
+    is also read from the start-up line, so a crashed run still records it."""
     text = SKYPILOT_PREFIX.sub("", text)
     summary = {}
     head, sep, tail = text.rpartition("\n---\n")
@@ -707,16 +687,11 @@ def parse_log(text):
             m = re.match(r"^([a-z_]+):\s+(\S.*?)\s*$", line)
             if m:
                 summary[m.group(1)] = m.group(2)
-    if "val_bpb" in summary:
-        try:
-            if not math.isfinite(float(summary["val_bpb"])):
-                raise ValueError
-        except ValueError:
-            summary.pop("val_bpb")
-    if "seed" not in summary:
-        m = re.search(r"\| seed: (-?\d+) \|", text)
-        if m:
-            summary["seed"] = m.group(1)
+    if "val_bpb" in summary and _finite(summary["val_bpb"]) is None:
+        summary.pop("val_bpb")
+    m = re.search(r"\| seed: (-?\d+) \|", text)
+    if "seed" not in summary and m:
+        summary["seed"] = m.group(1)
     return summary
 
 
@@ -730,7 +705,7 @@ def make_row(summary, commit, description):
         memory_gb = "0.0"
     row = dict(commit=commit, val_bpb="0.000000" if crashed else f"{float(summary['val_bpb']):.6f}",
                memory_gb="0.0" if crashed else memory_gb, status="crash" if crashed else "discard",
-               description=description, verdict="", rule="", flags="", receipt="",
+               description=description, verdict="", rule="", flags="", receipt="", train_py="",
                **{k: summary.get(k, "") for k in FROM_SUMMARY})
     return [row[k] for k in HEADER]
 
@@ -739,11 +714,8 @@ def make_row(summary, commit, description):
 def locked(path):
     """An exclusive lock on `path`.lock: runs that finish at the same moment (several GPUs) append one at a time."""
     with open(f"{path}.lock", "a") as lock:
-        try:
-            import fcntl
+        if fcntl:
             fcntl.flock(lock, fcntl.LOCK_EX)
-        except ImportError:  # Windows: no lock; the replace below is still atomic
-            pass
         yield
 
 
@@ -752,15 +724,10 @@ class RecordError(Exception):
 
 
 def record(tsv, summary, commit, description=None, rule="noise", confirm=False, receipts=None, repo=None):
-    """Appends the run's row to `tsv` and judges its commit: the commit's status goes into all its rows and the
-    verdict into the new one. With `confirm` the row is a confirmation run (verdict `confirm`): it changes no status
-    and the returned verdict's line says what to confirm next. Without a description, a commit that already has rows
-    reuses its first one. The file is rewritten whole and renamed into place, under the lock: a reader never sees
-    half a row, and two writers never lose one. Returns (the new row's fields, the verdict).
-
-    `receipts` (what evaluate_bpb printed into the run's log) and `repo` (the git checkout that ran it): the run is
-    checked first (check_run) and refused, its row kept with the reason, when it may not count. The command line
-    always passes both; without them (simulations, tests of the rule) the summary is trusted."""
+    """Appends the run's row to `tsv`, judges its commit and writes the status into all its rows. Returns (the new
+    row's fields, the verdict). A confirmation run changes no status. With `receipts` the run is checked first
+    (check_run); without them (simulations, tests of the rule) the summary is trusted. The file is rewritten whole
+    and renamed into place under the lock: no reader sees half a row, no writer loses one."""
     with locked(tsv):
         text = ""
         if os.path.exists(tsv):
@@ -773,53 +740,52 @@ def record(tsv, summary, commit, description=None, rule="noise", confirm=False, 
             if known.empty:
                 raise RecordError(f"commit {commit} has no row in {tsv} yet: give --description \"<what changed>\"")
             description = known.iloc[0]
-        row = dict(zip(HEADER, make_row(summary, commit, description)), rule=rule)
+        blob = (_git_lines(repo or ".", "rev-parse", f"{commit}:{EDITABLE}") or [""])[0][:12] if receipts is not None \
+            else ""
+        row = dict(zip(HEADER, make_row(summary, commit, description)), rule=rule, train_py=blob)
         conf = confirmation(before) if confirm else None
         if confirm and (conf is None or commit not in (conf["baseline"], conf["best"])):
             raise RecordError(f"commit {commit} is not one to confirm; `uv run analysis.py confirm` names the "
                               "commit and seed to run")
         refusal, flags, receipt = (None, [], None) if receipts is None else \
-            check_run(before, summary, receipts, commit, rule, confirm, repo or ".")
+            check_run(before, summary, receipts, commit, rule, confirm, repo or ".", blob)
         row.update(flags=",".join(flags), receipt=receipt_field(receipt) if receipt else "")
         if refusal:
-            mine = _results(before[(before["commit"] == commit) & (before["verdict"] != "confirm")])
+            mine = _results(before[before["commit"] == commit])
             if row["status"] != "crash":
                 row["status"] = mine["status"].iloc[-1] if len(mine) else "discard"
             row.update(verdict="refused", flags=f"refused:{refusal[0]}")
             lines.append("\t".join(row[k] for k in HEADER))
-            _replace(tsv, lines)
-            return [row[k] for k in HEADER], Verdict("refused", row["status"], refusal[1])
-        if confirm:
+            verdict = Verdict("refused", row["status"], refusal[1])
+        elif confirm:
             if row["status"] != "crash":  # a confirmation run takes its commit's status; it never sets one
                 row["status"] = before.loc[before["commit"] == commit, "status"].iloc[-1]
             row["verdict"] = "confirm"
             lines.append("\t".join(row[k] for k in HEADER))
-            _replace(tsv, lines)
             conf = confirmation(parse_results("\n".join(lines))[0])
-            return [row[k] for k in HEADER], Verdict("confirm", row["status"], confirmation_line(conf))
-        lines.append("\t".join(row[k] for k in HEADER))
-        df, _ = parse_results("\n".join(lines))
-        verdict = judge(df, commit, rule)
-        _set_status(lines, df, commit, verdict.status)
-        if row["status"] != "crash":
-            row["status"] = verdict.status
-        row["verdict"] = verdict.verdict
-        lines[-1] = "\t".join(row[k] for k in HEADER)
+            verdict = Verdict("confirm", row["status"], confirmation_line(conf))
+        else:
+            lines.append("\t".join(row[k] for k in HEADER))
+            df, _ = parse_results("\n".join(lines))
+            verdict = judge(df, commit, rule)
+            _set_status(lines, df, commit, verdict.status)
+            if row["status"] != "crash":
+                row["status"] = verdict.status
+            row["verdict"] = verdict.verdict
+            lines[-1] = "\t".join(row[k] for k in HEADER)
         _replace(tsv, lines)
     return [row[k] for k in HEADER], verdict
 
 
 def _with_header(lines):
     """`lines` of a results.tsv with this version's header: added to a new file, in place of an older one."""
-    header = lines[0].strip().lower().split("\t") if lines else []
-    if not lines or (header[:5] == COLUMNS and header == HEADER[:len(header)]):
+    if not lines or _is_header(lines[0].strip().lower().split("\t")):
         lines[:1] = ["\t".join(HEADER)]
     return lines
 
 
 def mark(tsv, commit, status):
-    """Sets the status of every result row of `commit` by hand (the simplicity criterion), under the lock; their
-    rule becomes `hand`, which the report shows."""
+    """Sets `commit`'s status by hand (the simplicity criterion); its rule becomes `hand`, which the report shows."""
     with locked(tsv):
         with open(tsv, encoding="utf-8", errors="replace") as f:
             lines = _with_header(f.read().lstrip("\ufeff").splitlines())  # an older file gains the rule column
@@ -828,8 +794,7 @@ def mark(tsv, commit, status):
 
 
 def _set_status(lines, df, commit, status, rule=None):
-    """Writes `status` (and `rule`, if given) into the status field of `commit`'s result rows (df parsed from
-    `lines`); crashes stay."""
+    """Writes `status` (and `rule`) into `commit`'s result rows of `lines` (df parsed from them); crashes stay."""
     for lineno in df.loc[(df["commit"] == commit) & (df["val_bpb"] > 0), "line"]:
         fields = lines[lineno - 1].split("\t")
         fields[3] = status
@@ -852,47 +817,48 @@ def _replace(tsv, lines):
         if os.path.exists(tmp):
             os.remove(tmp)
 
+
 # -----------------------------------------------------------------------------
 # Summary
 
 
-COSTS = ("steps", "tokens_M", "training_seconds", "total_seconds")  # what a run spent, for the morning's review
-
-
 def experiments(df, night=None):
-    """One row per commit, in order of first appearance (confirmation runs left out): the experiment's number (0 =
-    baseline), status, its val_bpb (the mean over its seeds of the runs the judge counts), how many runs, its seeds,
-    the first description, what its runs cost, rule, flags and refused runs."""
-    n = night or the_night(df) or {"left_out": {}}
+    """One row per commit in order of first appearance (confirmation runs left out), the baseline number 0; its
+    val_bpb is the mean over its seeds of the runs the judge counts."""
+    left_out = (night or the_night(df) or {"left_out": {}})["left_out"]
+    commits = {}
+    for r in _decisions(df).to_dict("records"):
+        commits.setdefault(r["commit"], []).append(r)
     rows = []
-    for i, (commit, g) in enumerate(_decisions(df).groupby("commit", sort=False)):
-        runs = _results(g)
-        runs = runs[~runs["line"].isin(n["left_out"])]
-        per_seed = runs.groupby([s if s is not None else f"line {k}" for k, s in zip(runs["line"], runs["seed"])],
-                                sort=False)["val_bpb"].mean()
-        rows.append({"experiment": i, "commit": commit,
-                     "status": runs["status"].iloc[-1] if len(runs) else g["status"].iloc[-1],
-                     "val_bpb": float(per_seed.mean()) if len(runs) else 0.0,
-                     "memory_gb": float(g["memory_gb"].max()), "runs": len(runs),
-                     "seeds": [int(s) for s in runs["seed"] if s is not None],
-                     "description": g["description"].iloc[0], **_run_costs(runs),
-                     "rule": runs["rule"].iloc[-1] if len(runs) else "", "flags": row_flags(g),
-                     "refused": int((g["verdict"] == "refused").sum())})
+    for i, (commit, g) in enumerate(commits.items()):
+        runs = [r for r in g if r["val_bpb"] > 0 and r["verdict"] != "refused" and r["line"] not in left_out]
+        per_seed = {}
+        for r in runs:
+            per_seed.setdefault(r["seed"] if r["seed"] is not None else f"line {r['line']}", []).append(r["val_bpb"])
+        memory = [r["memory_gb"] for r in g if not math.isnan(r["memory_gb"])]
+        rows.append({"experiment": i, "commit": commit, "status": (runs or g)[-1]["status"],
+                     "val_bpb": float(np.mean([np.mean(v) for v in per_seed.values()])) if runs else 0.0,
+                     "memory_gb": max(memory) if memory else float("nan"), "runs": len(runs),
+                     "seeds": [int(r["seed"]) for r in runs if r["seed"] is not None],
+                     "description": g[0]["description"], **_run_costs(runs),
+                     "rule": runs[-1]["rule"] if runs else "", "flags": row_flags(g),
+                     "refused": sum(r["verdict"] == "refused" for r in g)})
     return pd.DataFrame(rows, columns=["experiment", "commit", "status", "val_bpb", "memory_gb", "runs", "seeds",
                                        "description", *COSTS, "rule", "flags", "refused"])
 
 
 def _run_costs(runs):
-    """The median num_steps of `runs`, and their mean tokens trained (as make_dataloader counted them), training
-    and total seconds; None where no run has the number."""
+    """COSTS of `runs`: median steps, mean tokens (millions), training and total seconds; None where none has one."""
     def mean(values):
         values = [float(v) for v in values if v not in (None, "")]
         return sum(values) / len(values) if values else None
 
-    steps = [s for s in runs["num_steps"] if s is not None]
-    served = [int(f["train_tokens"]) / 1e6 for f in map(parse_receipt_field, runs["receipt"]) if "train_tokens" in f]
+    steps = [r["num_steps"] for r in runs if r["num_steps"] is not None]
+    served = [int(f["train_tokens"]) / 1e6 for f in (parse_receipt_field(r["receipt"]) for r in runs)
+              if "train_tokens" in f]
     return {"steps": statistics.median(steps) if steps else None, "tokens_M": mean(served),
-            "training_seconds": mean(runs["training_seconds"]), "total_seconds": mean(runs["total_seconds"])}
+            "training_seconds": mean(r["training_seconds"] for r in runs),
+            "total_seconds": mean(r["total_seconds"] for r in runs)}
 
 
 def _num(x):
@@ -901,61 +867,57 @@ def _num(x):
 
 
 def summarize(df):
-    """Counts, keep rate, noise, baseline, best, improvement, the kept list, the top hits and the confirmation, as a
-    JSON-friendly dict. An experiment is a commit; its val_bpb is the mean of its runs. The noise and every gain in
-    noise floors are the verdicts' own: a kept commit's gain is the one its verdict measured."""
+    """The report's numbers as a JSON-friendly dict; the noise and every gain in noise floors are the verdicts' own."""
     n = the_night(df) or {"left_out": {}, "seen": {}, "night": None, "noise": noise_of(None), "swings": {},
                           "like": {k: None for k in MATCHED}}
     exps = experiments(df, n)
     counts = {s: int((exps["status"] == s).sum()) for s in STATUSES}
     counts["other"] = len(exps) - sum(counts.values())  # unknown statuses (warned about when loading)
     results = exps[exps["val_bpb"] > 0]
-    kept = results[results["status"] == "keep"]
-    nz = n["noise"]
-    floor = nz["floor"]
+    floor = n["noise"]["floor"]
     baseline = float(results["val_bpb"].iloc[0]) if len(results) else None  # leading crashes have no result
     best = best_commit(df)
     best_row = results[results["commit"] == best].iloc[0] if best is not None else None
     claimed = round(baseline - best_row["val_bpb"], 6) if best_row is not None else None  # no float noise
-    kept_list = []
-    for r in kept.itertuples():
+    kept = []
+    for r in results[results["status"] == "keep"].itertuples():
         k = {"experiment": int(r.experiment), "commit": r.commit, "val_bpb": round(float(r.val_bpb), 6),
              "memory_gb": _num(r.memory_gb), "runs": int(r.runs), "seeds": r.seeds, "description": r.description,
              **{c: _num(getattr(r, c)) for c in COSTS}, "rule": r.rule, "flags": r.flags}
         if r.commit in n["seen"]:  # its gain over the best before it, as its verdict measured it
             night, c = n["seen"][r.commit]
             gain, floors = float(c.diff[0]), round(float(c.diff[0] / night.floor[0]), 2)
-        elif kept_list:  # no noise measured (the plain rule, the reference's files): over the kept one before it
-            gain, floors = kept_list[-1]["val_bpb"] - k["val_bpb"], None
-        if kept_list:
+        elif kept:  # no noise measured (the plain rule, the reference's files): over the kept one before it
+            gain, floors = kept[-1]["val_bpb"] - k["val_bpb"], None
+        if kept:
             k.update(gain=round(gain, 6), gain_floors=floors, within_noise=floors is not None and floors < 1,
                      check=floors is not None and floors > IMPLAUSIBLE_FLOORS)
-        kept_list.append(k)
+        kept.append(k)
     conf = confirmation(df)
     if conf is not None:
+        bpb = results.set_index("commit")["val_bpb"]
         conf = dict(conf, todo=[list(t) for t in conf["todo"]],
-                    claimed=round(float(results.set_index("commit")["val_bpb"][conf["baseline"]]
-                                        - results.set_index("commit")["val_bpb"][conf["best"]]), 6))
-    night = n["night"]
+                    claimed=round(float(bpb[conf["baseline"]] - bpb[conf["best"]]), 6))
+    night = n["night"] if best is not None else None
     return {
         "n_experiments": len(exps),
         "n_runs": int((df["verdict"] != "confirm").sum()),
         "n_confirmation_runs": int((df["verdict"] == "confirm").sum()),
         "counts": counts,
         "keep_rate": counts["keep"] / len(exps) if len(exps) else None,
-        "noise": dict(nz, **n["like"]),
+        "noise": dict(n["noise"], **n["like"]),
         "speed_swings": {c: list(v) for c, v in n["swings"].items()},
         "baseline_val_bpb": baseline,
         "best_commit": best,
         "best_val_bpb": float(best_row["val_bpb"]) if best_row is not None else None,  # the mean of its runs
-        "best_estimate": float(night.mu[0]) if night is not None and best is not None else None,
-        "best_estimate_sd": float(np.sqrt(night.v[0])) if night is not None and best is not None else None,
+        "best_estimate": float(night.mu[0]) if night is not None else None,
+        "best_estimate_sd": float(np.sqrt(night.v[0])) if night is not None else None,
         "best_description": best_row["description"] if best_row is not None else None,
         "improvement_abs": claimed,
         "improvement_pct": round(100 * claimed / baseline, 4) if claimed is not None else None,
         "improvement_floors": round(claimed / floor, 2) if claimed is not None and floor else None,
-        "kept": kept_list,
-        "top_hits": sorted((dict(k) for k in kept_list if "gain" in k), key=lambda k: k["gain"], reverse=True),
+        "kept": kept,
+        "top_hits": sorted((dict(k) for k in kept if "gain" in k), key=lambda k: k["gain"], reverse=True),
         "confirmation": conf,
         "refused": {code: int(c) for code, c in df.loc[df["verdict"] == "refused", "flags"]
                     .str.removeprefix("refused:").value_counts().items()},
@@ -972,9 +934,9 @@ def format_report(summary):
              + (f", {c['other']} unknown status" if c["other"] else "")
              + (f" (keep rate {100 * s['keep_rate']:.1f}%)" if n else "")]
     if nz["floor"] is not None:
+        spread = f"; seed for seed, a run's spread {nz['spread']:.6f} on {nz['spread_dof']} dof" if nz["spread"] else ""
         lines.append(f"noise floor:      {nz['floor']:.6f} (seed to seed: sqrt(2) * sigma {nz['sigma']:.6f}, "
-                     f"{nz['dof']} degrees of freedom" + (f"; seed for seed, a run's spread {nz['spread']:.6f} on {nz['spread_dof']} "
-                                           "dof" if nz["spread"] else "") + f"; {_describe(nz)})")
+                     f"{nz['dof']} degrees of freedom{spread}; {_describe(nz)})")
     elif n:
         lines.append("noise floor:      none yet (the baseline has run under fewer than two seeds)")
     if s["speed_swings"]:
@@ -1041,12 +1003,8 @@ def format_report(summary):
 
 
 def plot_progress(df, path):
-    """Draws val_bpb per experiment to `path` (PNG). Returns the path, or None when there is nothing to plot.
-
-    Every run is a point (an experiment run under three seeds has three); kept experiments also get their mean as
-    a green point labelled with the description, and the best (the last kept) a step line with the noise floor as a
-    band around it. Discarded runs above the plotted range are drawn as arrows on its top edge. Crashes are not drawn.
-    """
+    """Draws val_bpb per experiment to `path` (PNG): every run a point, kept means labelled, the best a step line
+    in a band of the noise floor. Returns the path, or None when there is nothing to plot."""
     from matplotlib.figure import Figure  # no pyplot: no global backend, works headless and inside Jupyter
 
     exps = experiments(df)
@@ -1110,6 +1068,121 @@ def plot_progress(df, path):
 
 
 # -----------------------------------------------------------------------------
+# Where the night is, for an agent that lost its context: status and digest (both only read)
+
+
+def streak(df):
+    """How many experiments in a row, up to the last, were discarded or crashed since the last keep (an experiment
+    whose every run was refused was not judged, and counts for nothing)."""
+    n = 0
+    for r in experiments(df).itertuples():
+        judged = r.runs > 0 or r.refused == 0
+        n = 0 if r.status == "keep" else n + (r.status in ("discard", "crash") and judged)
+    return n
+
+
+def _read(path):
+    try:
+        with open(path, encoding="utf-8", errors="replace") as f:
+            return f.read()
+    except OSError:
+        return ""
+
+
+def status(df, repo=".", log="run.log"):
+    """Where the loop stands, from git, results.tsv and run.log alone: a few lines, the last `next: <command>`."""
+    branch = (_git_lines(repo, "branch", "--show-current") or [""])[0]
+    head = _git_head(repo)
+    dirty = _git_lines(repo, "status", "--porcelain", "--untracked-files=no") or []
+    best, exps = best_commit(df), experiments(df)
+    mine = _decisions(df)[_decisions(df)["commit"] == head]
+    lines = [f"branch {branch or '(detached HEAD)'} at {head}; best {best or '-'}; {len(exps)} experiments, "
+             f"{int((exps['status'] == 'keep').sum())} kept, {streak(df)} discarded in a row since the last keep"]
+    receipts = parse_receipts(_read(log))
+    unrecorded = bool(receipts) and str(receipts[-1].get("commit") or "").startswith(head or "-") and \
+        receipts[-1].get("run") not in {parse_receipt_field(f).get("run") for f in df["receipt"]}
+    conf = confirmation(df)
+    if not branch and conf is not None and head in (conf["baseline"], conf["best"]):
+        if unrecorded:
+            return lines + [f"confirming: {log} holds a confirmation run of {head}, not recorded yet",
+                            "next: uv run analysis.py record --confirm"]
+        if conf["todo"]:
+            commit, seed = conf["todo"][0]
+            return lines + [f"confirming: {confirmation_line(conf)}",
+                            f"next: git checkout --quiet --detach {commit} && AUTORESEARCH_SEED={seed} timeout 600 "
+                            "uv run train.py > run.log 2>&1 && uv run analysis.py record --confirm"]
+        return lines + [confirmation_line(conf), "next: git checkout " + (_git_lines(
+            repo, "branch", "--list", "--format=%(refname:short)", "autoresearch/*") or ["autoresearch/<tag>"])[0]
+            + " (then tell the human the line above)"]
+    if dirty:
+        return lines + [f"uncommitted changes to {', '.join(d[3:] for d in dirty)}: commit the edit, or undo it "
+                        "(git checkout -- train.py)", "next: git add train.py && git commit -m \"<description>\""]
+    if unrecorded:
+        return lines + [f"{log} holds a finished run of {head}, not recorded yet",
+                        "next: uv run analysis.py record --description \"<description>\""]
+    if mine.empty:
+        what = "the baseline" if df.empty else f"{head}, committed"
+        return lines + [f"{what}: not run yet", "next: timeout 600 uv run train.py > run.log 2>&1"]
+    last, v = mine.iloc[-1], judge(df, head)
+    if last["verdict"] == "refused" and last["flags"] == "refused:again":
+        return lines + [f"{head} repeats an experiment judged already", "next: git reset --hard HEAD~1"]
+    if last["verdict"] == "refused":
+        return lines + [f"{head}: its last run was refused ({last['flags'].removeprefix('refused:')}; `uv run "
+                        "analysis.py judge` says why): fix the cause first",
+                        f"next: AUTORESEARCH_SEED={last['seed'] or 42} timeout 600 uv run train.py > run.log 2>&1"]
+    if v.verdict == "rerun":
+        return lines + [f"{head} is pending: {v.line[:v.line.index(':')]}",
+                        f"next: AUTORESEARCH_SEED={v.seed} timeout 600 uv run train.py > run.log 2>&1"]
+    if head != best:
+        return lines + [f"{head}: {v.status}, not reset yet", "next: git reset --hard HEAD~1"]
+    return lines + [f"{head} is the best; `uv run analysis.py digest` lists what was tried",
+                    "next: a new idea (program.md, the loop, step 2)"]
+
+
+def digest(df):
+    """What the night tried, in at most DIGEST_LINES lines, for a fresh context choosing the next idea: the kept
+    stack with gains in noise floors (as judged), the near misses (discarded, better than the best then by less than
+    a floor: candidates to combine), the latest experiments, and every earlier one by its description."""
+    n = the_night(df)
+    seen = n["seen"] if n else {}
+    s, exps = summarize(df), experiments(df, n)
+
+    def floors(commit):
+        return f"{seen[commit][1].diff[0] / seen[commit][0].floor[0]:+5.1f}" if commit in seen else "     "
+
+    def row(r):
+        return f"  {r.status:<8} {floors(r.commit)}  {r.commit}  {r.description}"
+
+    out = [f"{s['n_experiments']} experiments, {s['n_runs']} runs; best {s['best_commit']}"
+           + (f" {s['best_val_bpb']:.6f}, baseline {s['baseline_val_bpb']:.6f}" if s["best_val_bpb"] else "")
+           + (f", noise floor {s['noise']['floor']:.6f}" if s["noise"]["floor"] else ""),
+           f"discarded in a row since the last keep: {streak(df)}"
+           + ("; try something structurally different" if streak(df) >= NUDGE_AFTER else "")]
+    kept = [row(r) for r in exps[exps["status"] == "keep"].itertuples()]
+    out += ["", "kept, in order (gain over the best before it, in noise floors):"]
+    out += kept if len(kept) <= 20 else [f"  ... {len(kept) - 19} earlier keeps"] + kept[-19:]
+    near = sorted((r for r in exps.itertuples() if r.status == "discard" and r.commit in seen
+                   and 0 < seen[r.commit][1].diff[0] < seen[r.commit][0].floor[0]),
+                  key=lambda r: -seen[r.commit][1].z[0])[:8]
+    out += ["", "near misses (combine them?):"] + ([row(r) for r in near] or ["  none"])
+    recent = exps.tail(12)
+    out += ["", f"the last {len(recent)}:"] + [row(r) for r in recent.itertuples()]
+    earlier = [r.description for r in exps.iloc[:-len(recent)].itertuples() if r.status != "keep"]
+    if earlier:
+        out += ["", "tried before those, not kept:"]
+        line = " "
+        for d in earlier:
+            if len(line) + len(d) > 117:
+                out.append(line)
+                line = " "
+            line += f" {d} ·"
+        out.append(line)
+    if len(out) > DIGEST_LINES:
+        out = out[:DIGEST_LINES - 1] + ["  ... (the rest: results.tsv)"]
+    return out
+
+
+# -----------------------------------------------------------------------------
 # Integrity
 
 
@@ -1127,11 +1200,9 @@ def _git_lines(repo_dir, *args):
 
 
 def check_integrity(repo_dir, df):
-    """Checks that no kept commit differs from the baseline's commit in any file but train.py (record refuses such
-    runs; this catches rows from elsewhere), and counts the lines of train.py each kept commit changed against the
-    kept commit before it. Commits that are not in the repository, or no repository at all, are noted, never an
-    error. Returns {"checked": int, "problems": [str], "notes": [str], "message": str, "lines": {commit: "+a -d"}}.
-    """
+    """Whether any kept commit changed a file but train.py (record refuses that; this catches rows from elsewhere),
+    and the lines of train.py each changed: {checked, problems, notes, message, lines: {commit: "+a -d"}}. A missing
+    commit or repository is noted, never an error."""
     problems, notes, checked, changed = [], [], 0, {}
     exps = experiments(df)
     kept = exps[(exps["status"] == "keep") & (exps["val_bpb"] > 0)]
@@ -1178,6 +1249,16 @@ def check_integrity(repo_dir, df):
 # Command line
 
 
+def keep_ref(repo, commit):
+    """Keeps `commit` reachable after `git reset` as refs/autoresearch/<tag>/<commit> (the tag of the branch
+    autoresearch/<tag> it is recorded on, or of the only such branch from a detached slot); nothing is pushed."""
+    branches = [b for b in [(_git_lines(repo, "branch", "--show-current") or [""])[0]] if b.startswith("autoresearch/")]
+    branches = branches or _git_lines(repo, "branch", "--list", "--format=%(refname:short)", "autoresearch/*") or []
+    full = _git_lines(repo, "rev-parse", "--verify", "--quiet", f"{commit}^{{commit}}")
+    if len(branches) == 1 and full:
+        _git(repo, "update-ref", f"refs/autoresearch/{branches[0].removeprefix('autoresearch/')}/{commit}", full[0])
+
+
 def _git_head(cwd="."):
     """The short hash of HEAD; None outside a repository; FileNotFoundError when git is not on PATH."""
     r = subprocess.run(["git", "-C", cwd, "rev-parse", "--short=7", "HEAD"], capture_output=True, text=True)
@@ -1191,10 +1272,12 @@ def _error(message):
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description="Record, judge and report autoresearch runs (results.tsv).")
-    parser.add_argument("command", nargs="?", default="report", choices=("report", "record", "judge", "confirm", "mark"),
+    parser.add_argument("command", nargs="?", default="report",
+                        choices=("report", "record", "judge", "confirm", "mark", "status", "digest"),
                         help="report (default); record a run from its log; judge the latest commit again, with the "
                              "evidence; confirm: the next confirmation run, or the confirmed gain; mark the latest "
-                             "commit keep or discard by hand (the simplicity criterion)")
+                             "commit keep or discard by hand (the simplicity criterion); status: where the loop "
+                             "stands and the next command; digest: what the night tried, in a page")
     parser.add_argument("--tsv", default="results.tsv", help="path to results.tsv (default: results.tsv)")
     parser.add_argument("--json", action="store_true", help="report: print the summary, warnings and integrity as JSON")
     parser.add_argument("--plot", metavar="PATH", help="report: write the progress figure (PNG) to PATH")
@@ -1214,10 +1297,13 @@ def main(argv=None):
     if args.command == "record":
         if not os.path.isfile(args.log):
             return _error(f"{args.log}: no such file; run `uv run train.py > run.log 2>&1` first")
-        try:
-            commit = args.commit or _git_head()
-        except FileNotFoundError:
-            return _error("git is not on PATH; install git (or give --commit <hash>)")
+        commit = args.commit
+        if not commit:
+            try:
+                head = _git(".", "rev-parse", "--short=7", "HEAD")
+            except FileNotFoundError:
+                return _error("git is not on PATH; install git (or give --commit <hash>)")
+            commit = head.stdout.strip() if head.returncode == 0 else None
         if not commit:
             return _error("not in a git repository; run from the repository (or give --commit)")
         with open(args.log, encoding="utf-8", errors="replace") as f:
@@ -1229,6 +1315,7 @@ def main(argv=None):
             return _error(str(e))
         except OSError as e:
             return _error(f"cannot write {args.tsv}: {e}")
+        keep_ref(".", commit)
         print(verdict.line)
         return 0
 
@@ -1243,6 +1330,9 @@ def main(argv=None):
     if args.command == "confirm":
         print(confirmation_line(confirmation(df)))
         return 0
+    if args.command in ("status", "digest"):
+        print("\n".join(status(df, log=args.log) if args.command == "status" else digest(df)))
+        return 0
     if args.command == "mark":
         if not args.status:
             parser.error("mark needs --status keep or --status discard")
@@ -1256,8 +1346,6 @@ def main(argv=None):
     integrity = check_integrity(os.path.dirname(os.path.abspath(args.tsv)), df)
     for k in summary["kept"]:
         k["lines"] = integrity["lines"].get(k["commit"])
-    log = sys.stderr if args.json else sys.stdout  # keep stdout pure JSON
-
     if args.json:
         print(json.dumps(dict(summary, tsv=args.tsv, warnings=warnings, integrity=integrity), indent=2))
     else:
@@ -1274,7 +1362,8 @@ def main(argv=None):
             written = plot_progress(df, args.plot)
         except OSError as e:
             return _error(f"cannot write {args.plot}: {e}")
-        print(f"wrote {args.plot}" if written else f"no results to plot yet; {args.plot} not written", file=log)
+        print(f"wrote {args.plot}" if written else f"no results to plot yet; {args.plot} not written",
+              file=sys.stderr if args.json else sys.stdout)  # keep stdout pure JSON
     return 0
 
 

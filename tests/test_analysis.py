@@ -542,4 +542,4 @@ def test_the_baseline_is_kept_and_under_the_noise_rule_asks_for_its_seeds(tmp_pa
     receipt = analysis.receipt_field(analysis.parse_receipts(log)[0])
     assert (tmp_path / "results.tsv").read_text() == "\t".join(analysis.HEADER) + "\n" + \
         f"{head}\t0.997900\t44.0\tkeep\tbaseline\t\t953\t\t\t\t{'keep' if rule == 'plain' else 'rerun'}\t\t\t" \
-        f"300.1\t\t{rule}\t\t{receipt}\n"
+        f"300.1\t\t{rule}\t\t{receipt}\t{git(tmp_path, 'rev-parse', 'HEAD:train.py')[:12]}\n"

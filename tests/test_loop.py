@@ -24,7 +24,7 @@ from conftest import ROOT, python_shell
 
 TAG = "loop1"
 HEADER = ("commit\tval_bpb\tmemory_gb\tstatus\tdescription\tseed\tnum_steps\tattention\tdevice\tinit_fingerprint"
-          "\tverdict\ttime_budget\teval_tokens\ttraining_seconds\ttotal_seconds\trule\tflags\treceipt\n")
+          "\tverdict\ttime_budget\teval_tokens\ttraining_seconds\ttotal_seconds\trule\tflags\treceipt\ttrain_py\n")
 
 # A budget shorter than one step: train.py always runs its uncounted warm-up steps (1 in the copy below), then
 # stops after the first counted one. Every run is then exactly 2 steps on any machine, however busy. Like the real
@@ -112,9 +112,11 @@ class Agent:
         return self.sh(shlex.join(["git", *args])).stdout.strip()
 
     def where(self):
-        """Loop step 1: (branch, the top line of git log)."""
-        out = self.sh(block("git branch --show-current", "git log")).stdout.splitlines()
-        return out[0], out[1]
+        """Loop step 1, `analysis.py status`: (branch, HEAD's short hash, the next command)."""
+        out = self.sh(uv_block("uv run analysis.py status")).stdout.splitlines()
+        m = re.match(r"branch (\S+) at (\w+);", out[0])
+        assert m and out[-1].startswith("next: "), out
+        return m.group(1), m.group(2), out[-1][len("next: "):]
 
     def commit(self, description):
         """Loop step 3; returns the short hash of the new commit."""
@@ -260,7 +262,8 @@ def test_agent_follows_program_md_through_the_baseline_a_win_a_loss_a_crash_and_
     assert (repo / "results.tsv").read_text() == HEADER
 
     # The baseline: train.py as it is on the new branch, no edit, no commit; the verdicts ask for its seeds
-    assert agent.where() == (f"autoresearch/{TAG}", agent.git("log", "--oneline", "-n", "1"))
+    assert agent.where() == (f"autoresearch/{TAG}", agent.git("rev-parse", "--short=7", "HEAD"),
+                             "timeout 600 uv run train.py > run.log 2>&1")  # the baseline, not run yet
     baseline = agent.experiment("baseline")
     assert [r["verdict"].split(":")[0] for r in baseline] == ["rerun with seed 43", "rerun with seed 44",
                                                               "rerun with seed 45", "keep"], baseline[-1]["log"]
@@ -277,7 +280,7 @@ def test_agent_follows_program_md_through_the_baseline_a_win_a_loss_a_crash_and_
     assert won[0]["verdict"].startswith(f"rerun with seed 43: promising, but nothing is kept on one run before sigma "
                                         f"has 5 dof (3 so far): {win} ")
     assert all(float(r["summary"]["val_bpb"]) < min(float(b["summary"]["val_bpb"]) for b in baseline) for r in won)
-    assert agent.where()[1].split()[0] == win  # kept: the branch has advanced
+    assert agent.where()[1:] == (win, "a new idea (program.md, the loop, step 2)")  # kept: the branch has advanced
 
     # A loss by far more than the noise: no learning at all. Discarded after one run, reset.
     edit(repo, r"^(    DEPTH, ASPECT_RATIO, HEAD_DIM = 2, 32, 32\n)", r"\g<1>    EMBEDDING_LR = UNEMBEDDING_LR = "
@@ -288,8 +291,9 @@ def test_agent_follows_program_md_through_the_baseline_a_win_a_loss_a_crash_and_
     assert " worse by " in lost[0]["verdict"]
     said = agent.sh(uv_block("mark --status discard")).stdout  # step 8's simplicity override, here agreeing
     assert said == f"discard: {loss} marked by hand\n", said
+    assert agent.where()[1:] == (loss, "git reset --hard HEAD~1")  # status knows a reset is owed
     agent.reset()
-    assert agent.where()[1].split()[0] == win
+    assert agent.where()[1] == win
 
     # A broken edit: the model's forward raises; the grep is empty, the tail shows why, the verdict is crash
     edit(repo, r"^(    def forward\(self, idx\b.*\n)", r'\g<1>        raise RuntimeError("boom: broken experiment")\n')
@@ -310,13 +314,14 @@ def test_agent_follows_program_md_through_the_baseline_a_win_a_loss_a_crash_and_
     assert said[-1].startswith(f"confirmed: best {win} vs baseline {main_head}: gain +"), said
     assert "; on the held-out part " in said[-1], said  # the confirmation seeds also score the held-out part
     agent.sh(block("git checkout autoresearch/<tag>"), tag=TAG)
-    assert agent.git("branch", "--show-current") == f"autoresearch/{TAG}" and agent.where()[1].split()[0] == win
+    assert agent.git("branch", "--show-current") == f"autoresearch/{TAG}" and agent.where()[1] == win
 
     # results.tsv, row by row: one per run, the commit's status on all its rows, each run's conditions
     lines = (repo / "results.tsv").read_text().splitlines(keepends=True)
     assert lines[0] == HEADER and len(lines) == 1 + 4 + 2 + 1 + 1 + 4, lines
     rows = [line.rstrip("\n").split("\t") for line in lines[1:]]
-    assert all(line.endswith("\n") and "\r" not in line and len(row) == 18 for line, row in zip(lines[1:], rows))
+    assert all(line.endswith("\n") and "\r" not in line and len(row) == 19 for line, row in zip(lines[1:], rows))
+    assert rows[0][18] == agent.git("rev-parse", f"{main_head}:train.py")[:12] != rows[4][18]  # the train.py that ran
     assert [r[0] for r in rows] == [main_head] * 4 + [win] * 2 + [loss, broken] + [main_head, win] * 2
     assert [r[3] for r in rows] == ["keep"] * 6 + ["discard", "crash"] + ["keep"] * 4  # confirmations change none
     assert [r[5] for r in rows] == ["42", "43", "44", "45", "42", "43", "42", "42", "1001", "1001", "1002", "1002"]
