@@ -31,7 +31,7 @@ import torch  # noqa: E402
 
 import prepare  # noqa: E402
 import train  # noqa: E402
-from conftest import Hub, build_model, make_shards, run_script  # noqa: E402
+from helpers import Hub, build_model, make_shards, run_script  # noqa: E402
 
 
 @torch.no_grad()
@@ -94,7 +94,7 @@ def main():
             hub = Hub(work / "hub")
             try:
                 make_shards(hub.shard_dir, n_docs=4000)
-                r = run_script("prepare.py", "--num-shards", "2", cache=cache, endpoint=hub.url, cold=True)
+                r = run_script("prepare.py", "--num-shards", "2", cache=cache, endpoint=hub.url)
             finally:
                 hub.close()
             assert r.returncode == 0, r.stdout + r.stderr

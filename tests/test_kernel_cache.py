@@ -20,7 +20,7 @@ import pytest
 import torch
 
 import prepare
-from conftest import ROOT, Hub, make_shards, python, script_env
+from helpers import ROOT, Hub, make_shards, python, script_env
 
 HOPPER = (9, 0)
 REPO = "varunneal/flash-attention-3"  # the Hopper build, prepare.flash_attention_repo(HOPPER)

@@ -10,230 +10,15 @@ works, this test breaks.
 Run: uv run pytest tests/test_loop.py
 """
 
-import os
 import re
-import shlex
-import shutil
-import subprocess
-import textwrap
-
-import pytest
 
 import analysis
-from conftest import ROOT, python_shell
+from helpers import (EVAL_TOKENS, PLAYED, TIME_BUDGET, Agent, agent_env, bash_blocks, block, edit_train, make_repo,
+                     uv_block)
 
 TAG = "loop1"
 HEADER = ("commit\tval_bpb\tmemory_gb\tstatus\tdescription\tseed\tnum_steps\tattention\tdevice\tinit_fingerprint"
           "\tverdict\ttime_budget\teval_tokens\ttraining_seconds\ttotal_seconds\trule\tflags\treceipt\ttrain_py\n")
-
-# A budget shorter than one step: train.py always runs its uncounted warm-up steps (1 in the copy below), then
-# stops after the first counted one. Every run is then exactly 2 steps on any machine, however busy. Like the real
-# 5 minutes, it is the same for every experiment (an environment variable, not part of train.py).
-TIME_BUDGET = "0.01"
-EVAL_TOKENS = 2048  # one evaluation batch of the scaled-down DEVICE_BATCH_SIZE below (1 x 2048)
-
-# Appended to train.py's small-machine block and committed on main before the agent starts: this stands for
-# the repo's own train.py, scaled down further so that one experiment takes seconds on a CPU, and started with
-# learning rates 30x too small, so that the agent's first idea (deleting that line) wins by far more than the noise.
-# The copy also leaves 1 step uncounted instead of 11 (train.py's compile warm-up; nothing compiles on a CPU, and
-# each step of the 8192-token vocabulary costs ~0.6-1.2 s here): tests/test_train.py runs the real count.
-WARMUP = ("step > 10", "step > 0")
-TINY_SETTINGS = """\
-    # tests/test_loop.py: scaled down further, one 2048-token sequence per step, width 64
-    DEPTH, ASPECT_RATIO, HEAD_DIM = 2, 32, 32
-    TOTAL_BATCH_SIZE, DEVICE_BATCH_SIZE = 2048, 1
-    EMBEDDING_LR, UNEMBEDDING_LR, MATRIX_LR, SCALAR_LR = 0.02, 0.0001, 0.001, 0.02  # a slow start
-"""
-
-
-# -----------------------------------------------------------------------------
-# program.md's commands
-
-
-def bash_blocks(path="program.md"):
-    """The bash blocks of an instructions file (program.md, docs/program-multi-gpu.md), each once."""
-    text = (ROOT / path).read_text()
-    blocks = [textwrap.dedent(m.group(2)) for m in re.finditer(r"^( *)```bash\n(.*?)^\1```", text, re.M | re.S)]
-    return list(dict.fromkeys(blocks))
-
-
-PLAYED = {}  # path -> the blocks handed out so far: a test can check that it played every one
-
-
-def block(*needles, path="program.md"):
-    """The one bash block in `path` that contains every needle."""
-    found = [b for b in bash_blocks(path) if all(n in b for n in needles)]
-    assert len(found) == 1, f"{path}: expected one bash block containing {needles}, found {len(found)}"
-    PLAYED.setdefault(path, set()).add(found[0])
-    return found[0]
-
-
-def without_uv(command):
-    """A block with `uv run` replaced by this test's interpreter (conftest.python(): the night below runs train.py
-    and analysis.py some 30 times): `uv run` here would build a second virtual environment inside the throwaway repo
-    (slow, and it may want the network), and the interpreter running this test already is the project's
-    environment. Where `timeout` is missing, program.md says to run without it."""
-    command = command.replace("uv run ", python_shell() + " ")
-    return command.replace("timeout 600 ", "") if shutil.which("timeout") is None else command
-
-
-def uv_block(*needles, path="program.md"):
-    command = block(*needles, path=path)
-    assert command.count("uv run ") == 1, command
-    return without_uv(command)
-
-
-def run_block(rerun=False):
-    """Loop step 4, or step 8's rerun under a seed: the one-line block that runs train.py."""
-    found = [b for b in bash_blocks() if b.strip().endswith("uv run train.py > run.log 2>&1") and "\n" not in b.strip()
-             and ("AUTORESEARCH_SEED=<seed>" in b) == rerun]
-    assert len(found) == 1, f"program.md: expected one {'rerun' if rerun else 'run'} block, found {len(found)}"
-    PLAYED.setdefault("program.md", set()).add(found[0])
-    return without_uv(found[0])
-
-
-class Agent:
-    """Runs program.md's blocks with bash in the throwaway repo, placeholders filled in."""
-
-    def __init__(self, repo, env):
-        self.repo, self.env = repo, env
-
-    def sh(self, script, check=True, timeout=120, **placeholders):
-        for name, value in placeholders.items():
-            script = script.replace(f"<{name}>", value)
-        assert not re.findall(r"<[a-z_]+>", script), f"unfilled placeholder in:\n{script}"
-        r = subprocess.run(["bash", "-c", script], cwd=self.repo, env=self.env, capture_output=True, text=True,
-                           timeout=timeout)
-        if check:
-            assert r.returncode == 0, f"{script}\nexit {r.returncode}\n{r.stdout}\n{r.stderr}"
-        return r
-
-    def git(self, *args):
-        return self.sh(shlex.join(["git", *args])).stdout.strip()
-
-    def where(self):
-        """Loop step 1, `analysis.py status`: (branch, HEAD's short hash, the next command)."""
-        out = self.sh(uv_block("uv run analysis.py status")).stdout.splitlines()
-        m = re.match(r"branch (\S+) at (\w+);", out[0])
-        assert m and out[-1].startswith("next: "), out
-        return m.group(1), m.group(2), out[-1][len("next: "):]
-
-    def commit(self, description):
-        """Loop step 3; returns the short hash of the new commit."""
-        self.sh(block("git commit -m"), description=description)
-        return self.git("rev-parse", "--short=7", "HEAD")
-
-    def run_and_record(self, description, seed=None):
-        """Loop steps 4 to 7 (or the rerun under `seed`): run, grep, on an empty grep read the tail, record."""
-        placeholders = {"seed": str(seed)} if seed is not None else {}
-        run = self.sh(run_block(rerun=seed is not None), check=False, timeout=900, **placeholders)
-        grep = self.sh(block('grep "^val_bpb:'), check=False)
-        tail = self.sh(block("tail -n 50 run.log")).stdout if not grep.stdout.strip() else None
-        verdict = self.sh(uv_block("analysis.py record --description"), timeout=120,
-                          description=description).stdout.strip()
-        summary = dict(line.split(":", 1) for line in grep.stdout.splitlines())
-        return {"rc": run.returncode, "grep": grep.stdout, "tail": tail, "verdict": verdict,
-                "summary": {k: v.strip() for k, v in summary.items()},
-                "log": (self.repo / "run.log").read_text(errors="replace")[-3000:]}
-
-    def experiment(self, description):
-        """Steps 4 to 8 for one commit: run, record, and rerun under the seed the verdict names until it says
-        something else. Returns every run's result, the last one holding the final verdict."""
-        results = [self.run_and_record(description)]
-        while (m := re.match(r"rerun with seed (\d+):", results[-1]["verdict"])):
-            results.append(self.run_and_record(description, seed=int(m.group(1))))
-        return results
-
-    def reset(self):
-        """Loop step 8, discard or crash."""
-        self.sh(block("git reset --hard"))
-
-    def confirm(self):
-        """"Confirming the gain": ask what to run, run it, record it, until it says confirmed. Returns the lines."""
-        said = []
-        while True:
-            line = self.sh(uv_block("uv run analysis.py confirm")).stdout.strip()
-            said.append(line)
-            m = re.match(r"run (\w+) with seed (\d+): ", line)
-            if not m:
-                return said
-            out = self.sh(without_uv(block("record --confirm")), timeout=300, commit=m.group(1), seed=m.group(2))
-            said.append(out.stdout.strip())
-
-
-def edit(repo, pattern, replacement):
-    """The agent's edit to train.py: one regex substitution that must match exactly once."""
-    path = repo / "train.py"
-    src, n = re.subn(pattern, replacement, path.read_text(), flags=re.M)
-    assert n == 1, f"{pattern!r} matched {n} times in train.py"
-    path.write_text(src)
-
-
-def set_constant(repo, name, value):
-    edit(repo, rf"^({name} = )[^\s#]+", rf"\g<1>{value}")
-
-
-def get_constant(repo, name):
-    return float(re.search(rf"^{name} = ([^\s#]+)", (repo / "train.py").read_text(), re.M).group(1))
-
-
-# -----------------------------------------------------------------------------
-# The throwaway repository
-
-
-def copy_tracked_files(path):
-    """This repo's tracked files (as in the working tree) copied into `path`."""
-    files = subprocess.run(["git", "-C", ROOT, "ls-files", "-z"], capture_output=True, text=True,
-                           check=True).stdout.split("\0")
-    for name in filter(None, files):
-        if (ROOT / name).is_file():
-            (path / name).parent.mkdir(parents=True, exist_ok=True)
-            shutil.copy2(ROOT / name, path / name)
-
-
-def make_repo(path, env, slow_start=True, warmup=WARMUP):
-    """A copy of this repo's tracked files with its own history: main = the copy, then the scaled-down train.py
-    (with learning rates 30x too small unless not `slow_start`; `warmup` (old, new) replaced in its loop, None for
-    train.py's own)."""
-    if subprocess.run(["git", "-C", ROOT, "rev-parse", "--is-inside-work-tree"], capture_output=True).returncode:
-        pytest.skip("the repo is not a git checkout (its tracked files are what the loop starts from)")
-    copy_tracked_files(path)
-    train_py = path / "train.py"
-    tiny = TINY_SETTINGS if slow_start else "".join(line + "\n" for line in TINY_SETTINGS.splitlines()
-                                                     if "a slow start" not in line)
-    src, n = re.subn(r'^if DEVICE_TYPE != "cuda":\n(?:    .*\n)+', lambda m: m.group(0) + tiny,
-                     train_py.read_text(), flags=re.M)
-    assert n == 1, "train.py: the small-machine block (`if DEVICE_TYPE != \"cuda\":`) was not found"
-    if warmup:
-        assert src.count(warmup[0]) == 2, f"train.py: expected `{warmup[0]}` twice (the budget and the end check)"
-        src = src.replace(*warmup)
-
-    def git(*args):
-        subprocess.run(["git", *args], cwd=path, env=env, check=True, capture_output=True)
-
-    git("init", "-b", "main")
-    git("config", "user.name", "autoresearch test")
-    git("config", "user.email", "test@example.invalid")
-    git("config", "commit.gpgsign", "false")
-    git("add", "-A")
-    git("commit", "-m", "autoresearch, as in the repo")
-    train_py.write_text(src)
-    git("commit", "-am", "train.py: smaller small-machine settings for tests/test_loop.py")
-
-
-def agent_env(cache):
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("AUTORESEARCH_", "HF_", "GIT_"))}
-    env.update({
-        "AUTORESEARCH_CACHE_DIR": str(cache),
-        "AUTORESEARCH_TIME_BUDGET": TIME_BUDGET,  # tests only; program.md forbids it to the agent
-        "AUTORESEARCH_EVAL_TOKENS": str(EVAL_TOKENS),
-        "HF_ENDPOINT": "http://127.0.0.1:9",  # closed port: nothing leaks to the internet
-        "CUDA_VISIBLE_DEVICES": "",  # the CPU settings above on every machine, GPU or not
-        "GIT_CONFIG_NOSYSTEM": "1",  # no hooks, signing or aliases from the machine's git config
-        "GIT_CONFIG_GLOBAL": os.devnull,
-    })
-    return env
-
 
 # -----------------------------------------------------------------------------
 # The loop
@@ -273,7 +58,7 @@ def test_agent_follows_program_md_through_the_baseline_a_win_a_loss_a_crash_and_
 
     # A win by far more than the noise: the learning rates back to train.py's own (the slow start deleted). Nothing
     # is kept on one run while sigma has only the baseline's 3 dof, so it runs under seed 43 too, then is kept.
-    edit(repo, r"^    EMBEDDING_LR, UNEMBEDDING_LR, MATRIX_LR, SCALAR_LR = .*\n", "")
+    edit_train(repo, r"^    EMBEDDING_LR, UNEMBEDDING_LR, MATRIX_LR, SCALAR_LR = .*\n", "")
     win = agent.commit("learning rates back to the defaults")
     won = agent.experiment("learning rates back to the defaults")
     assert [r["verdict"].split(":")[0] for r in won] == ["rerun with seed 43", "keep"], [r["verdict"] for r in won]
@@ -283,7 +68,7 @@ def test_agent_follows_program_md_through_the_baseline_a_win_a_loss_a_crash_and_
     assert agent.where()[1:] == (win, "a new idea (program.md, the loop, step 2)")  # kept: the branch has advanced
 
     # A loss by far more than the noise: no learning at all. Discarded after one run, reset.
-    edit(repo, r"^(    DEPTH, ASPECT_RATIO, HEAD_DIM = 2, 32, 32\n)", r"\g<1>    EMBEDDING_LR = UNEMBEDDING_LR = "
+    edit_train(repo, r"^(    DEPTH, ASPECT_RATIO, HEAD_DIM = 2, 32, 32\n)", r"\g<1>    EMBEDDING_LR = UNEMBEDDING_LR = "
                                                                    r"MATRIX_LR = SCALAR_LR = 0.0\n")
     loss = agent.commit("learning rates to zero")
     lost = agent.experiment("learning rates to zero")
@@ -296,13 +81,13 @@ def test_agent_follows_program_md_through_the_baseline_a_win_a_loss_a_crash_and_
     assert agent.where()[1] == win
 
     # A broken edit: the model's forward raises; the grep is empty, the tail shows why, the verdict is crash
-    edit(repo, r"^(    def forward\(self, idx\b.*\n)", r'\g<1>        raise RuntimeError("boom: broken experiment")\n')
+    edit_train(repo, r"^(    def forward\(self, idx\b.*\n)", r'\g<1>        raise RuntimeError("boom: broken experiment")\n')
     broken = agent.commit("broken forward")
     crashed = agent.experiment("broken forward")
     assert len(crashed) == 1 and crashed[0]["verdict"].startswith(f"crash: {broken} has no val_bpb")
     assert crashed[0]["rc"] != 0 and crashed[0]["grep"] == ""
     assert "RuntimeError: boom: broken experiment" in crashed[0]["tail"], crashed[0]["tail"]
-    edit(repo, r'^        raise RuntimeError\("boom: broken experiment"\)\n', "        # fixed\n")  # step 6: fold in a fix
+    edit_train(repo, r'^        raise RuntimeError\("boom: broken experiment"\)\n', "        # fixed\n")  # step 6: fold in a fix
     agent.sh(block("git commit --amend --no-edit"))
     assert agent.git("rev-parse", "--short=7", "HEAD") != broken and agent.sh("git status --porcelain").stdout == ""
     agent.reset()

@@ -10,121 +10,91 @@ contacted).
 Run: uv run pytest tests/test_parallel.py
 """
 
-import hashlib
 import json
 import os
 import re
 import shlex
-import shutil
 import signal
 import subprocess
 import sys
 import textwrap
 import time
 from importlib.util import find_spec
+from pathlib import Path
 
 import pytest
 
 import analysis
-from conftest import ROOT, python_shell, receipt_line
-from test_loop import Agent, agent_env, bash_blocks, block, make_repo, set_constant
-
-DOC = "docs/program-multi-gpu.md"
-TAG = "par1"
-UV_RUN = "uv run --project ../.. "  # a slot's `uv run`: the repository's .venv, not a new one per worktree
-
-# Every bash block of the file, by a string only it holds; the tests below play each of them.
-BLOCKS = {
-    "add": "git worktree add",
-    "commit": "commit --quiet -m",
-    "wave": "CUDA_VISIBLE_DEVICES=<gpu>",
-    "record": "record --description",
-    "mark": "mark --commit <commit> --status discard",
-    "confirm": "record --confirm",
-    "sky": "sky launch",
-    "cleanup": "git worktree remove",
-}
-
-
-def doc_block(name):
-    return block(BLOCKS[name], path=DOC)
-
-
-def line(name, start):
-    """The one line of block `name` that starts with `start`."""
-    found = [x for x in doc_block(name).splitlines() if x.startswith(start)]
-    assert len(found) == 1, (name, start, found)
-    return found[0]
-
-
-def uv_free(command, python=None):
-    """A command with this test's interpreter for `uv run` (the same reason as in test_loop.without_uv: the
-    interpreter running this test already is the project's environment), conftest.python() unless `python`."""
-    uv = UV_RUN if UV_RUN in command else "uv run "
-    assert command.count(uv) == 1, command
-    return command.replace(uv, (python or python_shell()) + " ")
+from helpers import (BLOCKS, DOC, ROOT, Agent, agent_env, bash_blocks, block, cache_digest, doc_block, line, make_repo,
+                     new_idea, receipt_line, record, summary, uv_free, wave)
+from helpers import SLOTS_TAG as TAG
 
 
 def slot_env(cache, **extra):
-    """test_loop's environment for the agent, with one torch thread per run: two runs side by side on a CPU
+    """The agent's environment (agent_env), with one torch thread per run: two runs side by side on a CPU
     need a core each (docs/multi-gpu.md), as each needs a GPU of its own on a GPU box."""
     return dict(agent_env(cache), OMP_NUM_THREADS="1", **extra)
 
 
-def wave(slots, python=None):
-    """The file's wave block for `slots` [(n, seed)]: its first line once per slot, then `wait`. <gpu> is
-    empty: no GPU is visible, so every run uses the CPU settings, on any machine."""
-    first, rest = doc_block("wave").split("\n", 1)
-    assert rest.strip() == "wait", rest
-    lines = [uv_free(first, python).replace("<n>", str(n)).replace("<gpu>", "").replace("<seed>", str(seed))
-             for n, seed in slots]
-    if shutil.which("timeout") is None:  # program.md's fallback where `timeout` is missing
-        lines = [x.replace("timeout 600 ", "") for x in lines]
-    return "\n".join(lines + ["wait"])
+def run_pid(slot):
+    """The pid of the python that runs train.py in `slot` (from /proc), or None (none yet, or no /proc)."""
+    for proc in Path("/proc").iterdir() if Path("/proc").is_dir() else ():
+        try:
+            argv = (proc / "cmdline").read_bytes().split(b"\0")
+            if argv[:2] == [os.fsencode(sys.executable), b"train.py"] and os.readlink(proc / "cwd") == str(slot):
+                return int(proc.name)
+        except (OSError, ValueError):
+            continue
+    return None
 
 
-def play_wave(agent, slots, timeout=900, poll=lambda: None):
-    """Plays the wave and watches each slot's run.log, calling `poll` as it does: returns, per slot, when its
-    first training step was logged and when its summary was, as seen from here."""
-    logs = [agent.repo / ".worktrees" / str(n) / "run.log" for n, _ in slots]
+def play_wave(agent, slots, timeout=900, when_all_train=lambda: None):
+    """Plays the wave and watches each slot's run.log: returns, per slot, when its first training step was logged
+    and when its summary was, as seen from here. A run that trains before the others is held there (SIGSTOP) until
+    they all train, then `when_all_train` is called and the held runs go on: on a busy machine one run's start-up
+    can outlast another's two steps, and runs that are really at the same time get there whatever the load. A wave
+    that ran its slots one after the other never gets there."""
+    slot_dirs = [(agent.repo / ".worktrees" / str(n)).resolve() for n, _ in slots]
+    logs = [slot / "run.log" for slot in slot_dirs]
     for log in logs:
         log.unlink(missing_ok=True)
     proc = subprocess.Popen(["bash", "-c", wave(slots)], cwd=agent.repo, env=agent.env, stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True)
     seen = [[None, None] for _ in logs]
+    held, all_trained = {}, False  # slot index -> (pid, since when)
     deadline = time.time() + timeout
     try:
         while True:
-            poll()
             finished, now = proc.poll() is not None, time.time()
             for times, log in zip(seen, logs):
                 text = log.read_text(errors="replace") if log.exists() else ""
                 for i, mark in enumerate(("\nstep 00000 ", "\nval_bpb:")):
                     if times[i] is None and mark in text:
                         times[i] = now
+            if not all_trained and all(times[0] for times in seen):
+                all_trained = True
+                when_all_train()
+                for pid, _ in held.values():
+                    os.kill(pid, signal.SIGCONT)
+            elif not all_trained:
+                for i, (times, slot) in enumerate(zip(seen, slot_dirs)):
+                    if times[0] and i not in held and times[1] is None and (pid := run_pid(slot)):
+                        os.kill(pid, signal.SIGSTOP)
+                        held[i] = (pid, now)
+                waited = [i for i, (_, since) in held.items() if now - since > 120]
+                assert not waited, f"slot {waited[0]} trained alone for 120 s: the wave's runs are not at the same time"
             if finished:
                 break
             assert now < deadline, "the wave did not end"
             time.sleep(0.05)
     finally:
+        for pid, _ in held.values():
+            if not all_trained:
+                os.kill(pid, signal.SIGKILL)
         if proc.poll() is None:
             proc.kill()
     assert proc.wait() == 0, proc.stdout.read()
     return seen
-
-
-def record(agent, n, description):
-    return agent.sh(uv_free(line("record", "(cd")), n=str(n), description=description, timeout=120).stdout.strip()
-
-
-def cache_digest(cache):
-    """Every file in the cache, by path, with the sha256 of its bytes."""
-    return {str(p.relative_to(cache)): hashlib.sha256(p.read_bytes()).hexdigest()
-            for p in sorted(cache.rglob("*")) if p.is_file()}
-
-
-def summary(log):
-    return analysis.parse_log(log.read_text(errors="replace"))
 
 
 def rows(repo):
@@ -141,14 +111,6 @@ def setup_slots(agent, repo, n_slots):
     for n in range(n_slots):
         agent.sh(doc_block("add"), n=str(n))
     return [repo / ".worktrees" / str(n) for n in range(n_slots)]
-
-
-def new_idea(agent, slot, n, name, value):
-    """A slot at the branch, one constant edited, committed there; returns the commit's short hash."""
-    agent.sh(line("commit", "git -C .worktrees/<n> checkout"), n=str(n), commit=f"autoresearch/{TAG}")
-    set_constant(slot, name, value)
-    agent.sh("\n".join(doc_block("commit").splitlines()[1:]), n=str(n), description=f"{name} {value}")
-    return agent.git("-C", str(slot), "rev-parse", "--short=7", "HEAD")
 
 
 def edit(agent, commit):
@@ -224,10 +186,10 @@ def test_slots_run_at_once_survive_a_killed_run_merge_the_winner_run_on_skypilot
 
     # Slots 0 and 1 run the wave block as written. Slot 2's line runs on its own, in a process group of its own
     # and without `timeout` (which would put the run in a group of its own again), so that it alone can be
-    # killed with SIGKILL, as a dying machine would kill it (a cold python: the run itself dies). Its budget is
+    # killed with SIGKILL, as a dying machine would kill it. Its budget is
     # 600 s, so it is still training when the other two are: it starts first, and is killed once they train.
     before = cache_digest(prepared_cache)
-    alone = wave([(2, 42)], shlex.quote(sys.executable)).splitlines()[0]
+    alone = wave([(2, 42)]).splitlines()[0]
     alone = alone.removesuffix(" &").replace("timeout 600 ", "")
     alone = subprocess.Popen(["bash", "-c", alone], cwd=repo, env=dict(env, AUTORESEARCH_TIME_BUDGET="600"),
                              start_new_session=True)
@@ -237,18 +199,17 @@ def test_slots_run_at_once_survive_a_killed_run_merge_the_winner_run_on_skypilot
         log = slots[n] / "run.log"
         return log.exists() and "\nstep 00001 " in log.read_text(errors="replace")
 
-    def kill_slot_2_once_all_train():
-        if not kill_time and trains(0) and trains(1):
-            assert alone.poll() is None and trains(2), "slot 2 ended before it was killed"
-            os.killpg(alone.pid, signal.SIGKILL)
-            kill_time.append(time.time())
+    def kill_slot_2():
+        assert alone.poll() is None and trains(2), "slot 2 ended before it was killed"
+        os.killpg(alone.pid, signal.SIGKILL)
+        kill_time.append(time.time())
 
     try:
         deadline = time.time() + 120
         while not trains(2):
             assert alone.poll() is None and time.time() < deadline, (slots[2] / "run.log").read_text()[-2000:]
             time.sleep(0.05)
-        seen = play_wave(agent, [(0, 42), (1, 42)], poll=kill_slot_2_once_all_train)
+        seen = play_wave(agent, [(0, 42), (1, 42)], when_all_train=kill_slot_2)
         assert alone.wait(timeout=60) == -signal.SIGKILL and kill_time, "slot 2 was not killed while it trained"
     finally:
         if alone.poll() is None:

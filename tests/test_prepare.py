@@ -31,14 +31,14 @@ import torch
 import torch.nn.functional as F
 
 import prepare
-from conftest import HUB_PATH, ROOT, Hub, make_documents, make_shards, run_script, script_env, write_shard
+from helpers import HUB_PATH, ROOT, Hub, make_documents, naive_pack_batches, run_script, script_env, write_shard
 
 VOCAB_SIZE = 8192
 BOS_ID = 8188  # <|reserved_0|>, the first special token after the 8188 learned ones
 VAL_NAME = "shard_06542.parquet"
 
 # -----------------------------------------------------------------------------
-# The naive packer: the spec's rule written as plainly as possible (also timed by benchmark_packing.py)
+# The naive packer (tests/helpers.py: the spec's rule written as plainly as possible), fed as the spec says
 
 
 def naive_document_batches(paths):
@@ -52,36 +52,6 @@ def naive_document_batches(paths):
                 for i in range(0, len(texts), 128):
                     yield texts[i:i + 128], epoch
         epoch += 1
-
-
-def naive_pack_batches(tokenizer, B, T, doc_batches, buffer_size=1000):
-    """(rows, epoch) forever, rows a list of B lists of T+1 token ids. A list buffer, scanned in full per pick."""
-    bos = tokenizer.get_bos_token_id()
-    buffer = []  # tokenized documents in the order they arrived
-    epoch = 1
-    while True:
-        rows = []
-        for _ in range(B):
-            row = []
-            while len(row) < T + 1:
-                while len(buffer) < buffer_size:
-                    texts, epoch = next(doc_batches)
-                    buffer.extend(tokenizer.encode(texts, prepend=bos))
-                room = T + 1 - len(row)
-                best = -1  # the largest document that fits entirely; strict > keeps the first on ties
-                for i, doc in enumerate(buffer):
-                    if len(doc) <= room and (best < 0 or len(doc) > len(buffer[best])):
-                        best = i
-                if best >= 0:
-                    row += buffer.pop(best)
-                else:  # none fits: the shortest (strict < keeps the first on ties), cropped to the room left
-                    shortest = 0
-                    for i, doc in enumerate(buffer):
-                        if len(doc) < len(buffer[shortest]):
-                            shortest = i
-                    row += buffer.pop(shortest)[:room]
-            rows.append(row)
-        yield rows, epoch
 
 
 def naive_batches(tokenizer, B, T, doc_batches, min_epoch=1, min_batches=1):
@@ -690,10 +660,10 @@ def failed_runs(broken_caches, tmp_path_factory):
     cache = broken_caches["without_val_shard"]
     jobs = {"without_val_shard": (cache, functools.partial(run_train, cache))}  # name -> (cache, command)
     for name, endpoint in [("connection_refused", closed_port_url()), ("name_not_resolved", "http://data.invalid")]:
-        cache = root / name  # the user's default back-off (a retry per shard would take minutes, not seconds) and a
-        # fresh interpreter: the time a user waits, imports included
+        cache = root / name  # the user's default back-off (a retry per shard would take minutes, not seconds): the
+        # time a user waits, imports included
         jobs[name] = (cache, functools.partial(timed, run_script, "prepare.py", cache=cache, endpoint=endpoint,
-                                               extra_env={"AUTORESEARCH_BACKOFF_S": None}, cold=True))
+                                               extra_env={"AUTORESEARCH_BACKOFF_S": None}))
     tiny_hub = Hub(root / "tiny_hub")  # what someone trying their own data first serves: a few dozen short notes
     for index in (0, 1, 6542):
         write_shard(tiny_hub.shard_dir / f"shard_{index:05d}.parquet", short_notes(index))

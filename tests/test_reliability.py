@@ -27,7 +27,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import HUB_PATH, ROOT, VAL_SHARD, make_shards, run_script, script_env
+from helpers import HUB_PATH, ROOT, VAL_SHARD, make_shards, run_script, script_env
 
 TIMEOUT = 120  # seconds: the most any one subprocess may take before the test fails
 SHARD0, SHARD1, VAL = "shard_00000.parquet", "shard_00001.parquet", f"shard_{VAL_SHARD:05d}.parquet"

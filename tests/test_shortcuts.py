@@ -14,8 +14,7 @@ import subprocess
 from concurrent.futures import ThreadPoolExecutor
 
 import analysis
-from conftest import ROOT, python_shell
-from test_loop import agent_env, make_repo
+from helpers import ROOT, agent_env, make_repo, python_shell
 
 TAG = "short1"
 SETTINGS = ("    TOTAL_BATCH_SIZE, DEVICE_BATCH_SIZE = 2048, 1\n",

@@ -25,7 +25,7 @@ import torch.nn.functional as F
 
 import prepare
 import train
-from conftest import ROOT, run_script, script_env
+from helpers import ROOT, run_script, script_env
 
 # -----------------------------------------------------------------------------
 # Model
@@ -456,13 +456,13 @@ def summary_of(result):
 
 @pytest.fixture(scope="module")
 def seeded_run(prepared_cache, tmp_path_factory):
-    """`python train.py` for 4 s under AUTORESEARCH_SEED=43, as a verdict's rerun runs it, in a fresh interpreter:
-    one real run for the summary block, the learning and the seed override. Its micro-batches are one sequence
-    (FAST_STEPS), so that the 11 warm-up steps take ~10 s instead of ~35 s here; the model is train.py's."""
+    """`python train.py` for 4 s under AUTORESEARCH_SEED=43, as a verdict's rerun runs it: one real run for the
+    summary block, the learning and the seed override. Its micro-batches are one sequence (FAST_STEPS), so that the
+    11 warm-up steps take ~10 s instead of ~35 s here; the model is train.py's."""
     env = {"AUTORESEARCH_TIME_BUDGET": "4", "AUTORESEARCH_EVAL_TOKENS": str(EVAL_TOKENS),
            "AUTORESEARCH_SEED": str(OTHER_SEED)}
     script = patched_train_py(tmp_path_factory.mktemp("seeded"), FAST_STEPS)
-    r = run_script(script, cache=prepared_cache, timeout=600, extra_env=env, cold=True)
+    r = run_script(script, cache=prepared_cache, timeout=600, extra_env=env)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     return r
 

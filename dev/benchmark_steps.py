@@ -2,7 +2,7 @@
 Steps and step-time spread of the real train.py at its default config: this project's side of a same-GPU
 comparison with the reference's train.py (docs/performance.md, "Against the reference on the same GPU").
 
-Usage: uv run python tests/benchmark_steps.py [--budget 120] [--cache DIR]
+Usage: uv run python dev/benchmark_steps.py [--budget 120] [--cache DIR]
 
 Runs `python train.py` once, unedited, with AUTORESEARCH_TIME_BUDGET=<budget>, under a pseudo-terminal: on a
 terminal train.py rewrites its progress line every step (into a file or a pipe it writes one line per ~5 s), so
@@ -28,12 +28,11 @@ import tempfile
 import time
 from pathlib import Path
 
-TESTS = Path(__file__).resolve().parent
-ROOT = TESTS.parent
-sys.path[:0] = [str(ROOT), str(TESTS)]
+ROOT = Path(__file__).resolve().parents[1]
+sys.path[:0] = [str(ROOT), str(ROOT / "tests")]  # the scripts, and tests/helpers.py
 
 from benchmark import machine_lines  # noqa: E402
-from conftest import make_prepared_cache  # noqa: E402
+from helpers import make_prepared_cache  # noqa: E402
 
 # train.py's progress line: step, % done, smoothed loss, lr multiplier, dt, ...
 STEP_LINE = re.compile(r"step (\d+) \(\s*[\d.]+%\) \| loss: ([\d.]+) \| lrm: [\d.]+ \| dt:\s*(\d+)ms")
@@ -113,7 +112,7 @@ def main():
         else:
             print(f"data: 3 tiny shards of {args.n_docs} documents, prepared by prepare.py in {work}", flush=True)
             cache = make_prepared_cache(work, args.n_docs)
-            data_note = f"3 tiny shards of {args.n_docs} documents (tests/conftest.py)"
+            data_note = f"3 tiny shards of {args.n_docs} documents (tests/helpers.py)"
         env = {k: v for k, v in os.environ.items() if not k.startswith("AUTORESEARCH_")}
         env.update(AUTORESEARCH_CACHE_DIR=str(cache), AUTORESEARCH_TIME_BUDGET=f"{args.budget:g}",
                    AUTORESEARCH_EVAL_TOKENS=str(eval_tokens), PYTHONUNBUFFERED="1")

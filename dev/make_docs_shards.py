@@ -3,7 +3,7 @@ Builds a small real-text stand-in for ClimbMix from the Python 3.11 documentatio
 reStructuredText, Debian package python3.11-doc), laid out like the Hugging Face hub, for CPU demo runs.
 
 Usage:
-    python tests/make_docs_shards.py HUB_ROOT [--sources DIR] [--docs-per-shard 1000] [--val-every 4]
+    python dev/make_docs_shards.py HUB_ROOT [--sources DIR] [--docs-per-shard 1000] [--val-every 4]
     python -m http.server 8765 --bind 127.0.0.1 --directory HUB_ROOT &
     HF_ENDPOINT=http://127.0.0.1:8765 AUTORESEARCH_CACHE_DIR=/tmp/autoresearch-docs-cache \
         uv run prepare.py --num-shards N          # N = the number of training shards this script printed

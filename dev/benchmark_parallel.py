@@ -2,9 +2,9 @@
 Wall time of a wave of 4 short experiments run 1 at a time against 2 at a time, with the commands of
 docs/program-multi-gpu.md, on this machine's CPU. Prints one markdown table (docs/multi-gpu.md quotes it).
 
-Usage: uv run python tests/benchmark_parallel.py [--budget 5] [--threads 2 1]
+Usage: uv run python dev/benchmark_parallel.py [--budget 5] [--threads 2 1]
 
-Each experiment is its own commit in its own worktree (slot): the real train.py at tests/test_loop.py's tiny
+Each experiment is its own commit in its own worktree (slot): the real train.py at the tests' tiny
 settings, training for --budget seconds of wall clock and evaluating 2048 tokens, on one cache made by the
 real prepare.py from tiny shards served on 127.0.0.1. The wave runs once per torch thread count (--threads,
 OMP_NUM_THREADS per run) and per number of runs at a time (1, then 2), and its rows are recorded with
@@ -22,16 +22,13 @@ import tempfile
 import time
 from pathlib import Path
 
-TESTS = Path(__file__).resolve().parent
-sys.path[:0] = [str(TESTS.parent), str(TESTS)]
+ROOT = Path(__file__).resolve().parents[1]
+sys.path[:0] = [str(ROOT), str(ROOT / "tests")]  # the scripts, and tests/helpers.py
 
 import torch  # noqa: E402
 
-from conftest import cold_python, make_prepared_cache  # noqa: E402
-from test_loop import Agent, agent_env, block, make_repo  # noqa: E402
-from test_parallel import TAG, cache_digest, doc_block, line, new_idea, record, summary, wave  # noqa: E402
-
-cold_python()  # every `uv run` a fresh interpreter, as for a user: the wave timings are a user's
+from helpers import (SLOTS_TAG, Agent, agent_env, block, cache_digest, doc_block, line,  # noqa: E402
+                     make_prepared_cache, make_repo, new_idea, record, summary, wave)
 
 SLOTS = 4
 IDEAS = [None, ("MATRIX_LR", "0.05"), ("MATRIX_LR", "0.03"), ("WARMDOWN_RATIO", "0.3")]  # slot 0: the baseline
@@ -64,11 +61,11 @@ def run(work, args):
     repo.mkdir()
     env = agent_env(cache)
     env.update(AUTORESEARCH_TIME_BUDGET=str(args.budget), AUTORESEARCH_RULE="plain")
-    if env.pop("PYTHONDONTWRITEBYTECODE", None):  # else every run compiles torch's modules again (conftest.py)
+    if env.pop("PYTHONDONTWRITEBYTECODE", None):  # else every run compiles torch's modules again (tests/conftest.py)
         env["PYTHONPYCACHEPREFIX"] = str(work / "pycache")
     make_repo(repo, env, slow_start=False, warmup=None)  # train.py's own 11 uncounted steps
     agent = Agent(repo, env)
-    agent.sh(block("git checkout -b"), tag=TAG)
+    agent.sh(block("git checkout -b"), tag=SLOTS_TAG)
     agent.sh(block("printf 'commit"))
 
     # the orchestration: a worktree per slot, one idea committed in each
@@ -78,7 +75,7 @@ def run(work, args):
         if idea:
             new_idea(agent, repo / ".worktrees" / str(n), n, *idea)
         else:
-            agent.sh(line("commit", "git -C .worktrees/<n> checkout"), n=str(n), commit=f"autoresearch/{TAG}")
+            agent.sh(line("commit", "git -C .worktrees/<n> checkout"), n=str(n), commit=f"autoresearch/{SLOTS_TAG}")
     t_commit = time.time() - t0
 
     say("warm-up run (bytecode, first imports) ...")

@@ -1,9 +1,9 @@
 """
 Benchmark of the packing rule: prepare.pack_batches (documents indexed by length) against the naive packer of
-tests/test_prepare.py (a list scanned in full for every document placed), on the same pre-tokenized documents
+tests/helpers.py (a list scanned in full for every document placed), on the same pre-tokenized documents
 at the training shape B=128, T=2048. Checks both produce the same batches, prints tokens/s and the speed-up.
 
-Usage: uv run python tests/benchmark_packing.py [--batches 8] [--docs 12000] [--join 1]
+Usage: uv run python dev/benchmark_packing.py [--batches 8] [--docs 12000] [--join 1]
 """
 
 import argparse
@@ -15,15 +15,14 @@ import tempfile
 import time
 from pathlib import Path
 
-TESTS = Path(__file__).resolve().parent
-sys.path[:0] = [str(TESTS.parent), str(TESTS)]
+ROOT = Path(__file__).resolve().parents[1]
+sys.path[:0] = [str(ROOT), str(ROOT / "tests")]  # the scripts, and tests/helpers.py
 os.environ["AUTORESEARCH_CACHE_DIR"] = tempfile.mkdtemp(prefix="autoresearch-bench-")  # before prepare is imported
 
 import numpy as np  # noqa: E402
 
 import prepare  # noqa: E402
-from conftest import make_documents, write_shard  # noqa: E402
-from test_prepare import naive_pack_batches  # noqa: E402
+from helpers import make_documents, naive_pack_batches, write_shard  # noqa: E402
 
 B, T = 128, 2048  # prepare's training shape: DEVICE_BATCH_SIZE x MAX_SEQ_LEN
 

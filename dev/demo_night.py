@@ -1,14 +1,14 @@
 """
 A night of the loop on this machine, played by a script instead of a coding agent: program.md's commands as written
-(with this interpreter for `uv run`, as tests/test_loop.py does), a fixed list of 22 ideas in place of the agent's,
+(with this interpreter for `uv run`, as tests/test_loop.py plays them), a fixed list of 22 ideas in place of the agent's,
 every verdict followed, then the morning's confirmation. The run behind docs/judging.md's real run and progress.png.
 
 Usage:
-    uv run python tests/demo_night.py --cache /tmp/autoresearch-docs-cache --budget 60 --eval-tokens 65536 --out /tmp/night
+    uv run python dev/demo_night.py --cache /tmp/autoresearch-docs-cache --budget 60 --eval-tokens 65536 --out /tmp/night
     uv run analysis.py --tsv /tmp/night/repo/results.tsv --plot progress.png
 
 --budget and --eval-tokens set AUTORESEARCH_TIME_BUDGET and AUTORESEARCH_EVAL_TOKENS for every run (shorter than
-train.py's, the same for all runs, and recorded in results.tsv's time_budget and eval_tokens columns). The cache is a prepared one (tests/make_docs_shards.py, then prepare.py).
+train.py's, the same for all runs, and recorded in results.tsv's time_budget and eval_tokens columns). The cache is a prepared one (dev/make_docs_shards.py, then prepare.py).
 Run it on an otherwise idle machine: under a fixed budget a busy machine takes fewer steps.
 """
 
@@ -20,11 +20,8 @@ import sys
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from conftest import cold_python  # noqa: E402
-from test_loop import ROOT, Agent, block, copy_tracked_files, uv_block  # noqa: E402
-
-cold_python()  # every `uv run` a fresh interpreter, as for a user
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+from helpers import ROOT, Agent, block, copy_tracked_files, uv_block  # noqa: E402
 
 
 def constant(name, value):
@@ -77,7 +74,7 @@ IDEAS = [  # (description, edit): what a careful agent might try first on the sm
 
 
 class Night(Agent):
-    """test_loop's agent (program.md's blocks, each verdict followed), saying every result as it comes."""
+    """The tests' agent (program.md's blocks, each verdict followed), saying every result as it comes."""
 
     def __init__(self, repo, env, log):
         super().__init__(repo, env)

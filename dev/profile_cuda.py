@@ -1,7 +1,7 @@
 """
 Where a CUDA training step spends its time: attention kernels alone, then the compiled step under the profiler.
 
-Usage: uv run python tests/profile_cuda.py      (CUDA only; ~2 min on an H100)
+Usage: uv run python dev/profile_cuda.py      (CUDA only; ~2 min on an H100)
 
 A. forward + backward of each attention kernel at the model's shapes (B=128, T=2048, 4 heads of 128), with the
    FLOP/s of the work the mask leaves: flex attention (half and full window) and PyTorch SDPA's backends.
@@ -18,16 +18,16 @@ import torch
 import torch.nn.functional as F
 
 if not torch.cuda.is_available():
-    raise SystemExit("error: tests/profile_cuda.py needs a CUDA GPU")
+    raise SystemExit("error: dev/profile_cuda.py needs a CUDA GPU")
 
 from torch.nn.attention import SDPBackend, sdpa_kernel  # noqa: E402
 from torch.nn.attention.flex_attention import flex_attention  # noqa: E402
 from triton.testing import do_bench  # noqa: E402
 
-TESTS = Path(__file__).resolve().parent
-sys.path[:0] = [str(TESTS.parent), str(TESTS)]
+ROOT = Path(__file__).resolve().parents[1]
+sys.path[:0] = [str(ROOT), str(ROOT / "tests")]  # the scripts, and tests/helpers.py
 import train  # noqa: E402
-from conftest import build_compiled, optimizer_step  # noqa: E402
+from helpers import build_compiled, optimizer_step  # noqa: E402
 
 torch.set_float32_matmul_precision("high")
 B, T, H, D = 128, 2048, 4, 128  # the default model's attention: 128 sequences, 4 heads of 128 channels

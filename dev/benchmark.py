@@ -1,7 +1,7 @@
 """
 Benchmark of what costs training time, every row measured in this one run, printed as one markdown table.
 
-Usage: uv run python tests/benchmark.py [--quick]
+Usage: uv run python dev/benchmark.py [--quick]
 
 The rows: the packer against the naive one, the dataloader, the training loop's wait for data, start-up, training
 and evaluation throughput, how step and evaluation time grow with size, and (on CUDA) the attention backends.
@@ -27,9 +27,8 @@ import time
 from contextlib import nullcontext
 from pathlib import Path
 
-TESTS = Path(__file__).resolve().parent
-ROOT = TESTS.parent
-sys.path[:0] = [str(ROOT), str(TESTS)]
+ROOT = Path(__file__).resolve().parents[1]
+sys.path[:0] = [str(ROOT), str(ROOT / "tests")]  # the scripts, and tests/helpers.py
 WORK = Path(tempfile.mkdtemp(prefix="autoresearch-benchmark-"))
 os.environ["AUTORESEARCH_CACHE_DIR"] = str(WORK / "cache")  # before prepare is imported: its paths follow
 
@@ -39,8 +38,8 @@ import torch  # noqa: E402
 
 import prepare  # noqa: E402
 import train  # noqa: E402
-from conftest import (Hub, build_compiled, build_model, make_optimizer, make_shards, optimizer_step,  # noqa: E402
-                      run_script, script_env)
+from helpers import (Hub, build_compiled, build_model, make_optimizer, make_shards, optimizer_step,  # noqa: E402
+                     run_script, script_env)
 
 # tokens/s the reference consumes on one H100 (its summary: 499.6 M tokens in 300.1 s of training)
 REFERENCE_H100_TOKENS_PER_S = 499.6e6 / 300.1
