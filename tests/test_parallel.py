@@ -228,8 +228,9 @@ def test_slots_run_at_once_survive_a_killed_run_merge_the_winner_run_on_skypilot
     assert [r[4] for r in got] == ["baseline", "MATRIX_LR 0.05", "MATRIX_LR 0.03"]
     # the killed run: a crash with its seed (from its start-up line), the file whole
     assert said[2].startswith(f"crash: {killed} has no val_bpb"), said
-    assert got[2] == [killed, "0.000000", "0.0", "crash", "MATRIX_LR 0.03", "42", "", "", "", "", "crash", "", "", "",
-                      "", "plain", "", ""]  # this wave is judged by the plain rule
+    assert got[2][:-1] == [killed, "0.000000", "0.0", "crash", "MATRIX_LR 0.03", "42", "", "", "", "", "crash", "", "",
+                           "", "", "plain", "", ""]  # this wave is judged by the plain rule
+    assert got[2][-1] == agent.git("rev-parse", f"{killed}:train.py")[:12]  # the train.py that ran
     assert analysis.load_results(repo / "results.tsv")[1] == []  # no warnings
     got = got[:2]
     for row, s in zip(got, logs):  # each row is its own run's summary, nothing mixed up between the slots
