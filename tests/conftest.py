@@ -20,6 +20,17 @@ os.environ.setdefault("MALLOC_MMAP_THRESHOLD_", str(2**32))
 os.environ.setdefault("MALLOC_TRIM_THRESHOLD_", str(2**32))
 
 
+# pytest-xdist hands whole test files to its workers in collection order (pyproject.toml: --dist loadfile): the
+# files with the longest runs go first, so that no worker starts one of them while the others have finished
+LONGEST_FIRST = ("test_loop.py", "test_train.py", "test_shortcuts.py", "test_parallel.py", "test_reliability.py",
+                 "test_analysis.py")
+
+
+def pytest_collection_modifyitems(items):
+    rank = {name: i for i, name in enumerate(LONGEST_FIRST)}
+    items.sort(key=lambda item: rank.get(item.path.name, len(rank)))  # stable: the rest keep their order
+
+
 @pytest.fixture(scope="session", autouse=True)
 def bytecode_cache(tmp_path_factory):
     """Many tests start python subprocesses that import torch. Where PYTHONDONTWRITEBYTECODE is set and the

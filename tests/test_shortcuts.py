@@ -139,8 +139,15 @@ SHORTCUTS = [
     ("prepare.py uncommitted", "refused:dirty", more_bytes_in_prepare, "uncommitted", {"log": "git"}),
     ("a seed of its own", "refused:seed", learning_rate, "commit", {"seed": "44"}),
 ]
-HONEST = [("DEPTH 3", depth), ("gated MLP", gated_mlp), ("DEVICE_BATCH_SIZE 1", half_the_micro_batch)]  # and a
-# learning rate: tests/test_loop.py's win, judged and recorded as before, with no flag
+def honest_edits(wt):
+    """A deeper model with a gated MLP and half the micro-batch (the same total batch), in one commit."""
+    depth(wt)
+    gated_mlp(wt)
+    half_the_micro_batch(wt)
+
+
+HONEST = [("DEPTH 3, gated MLP, DEVICE_BATCH_SIZE 1", honest_edits)]  # and a learning rate: tests/test_loop.py's
+# win, judged and recorded as before, with no flag
 
 
 def test_every_shortcut_has_no_effect_is_refused_or_is_named_and_honest_edits_are_judged_as_before(prepared_cache,
