@@ -1001,6 +1001,26 @@ def load_flash_attention_3(capability):
     return get_local_kernel(variant_path.parents[1], package), repo, "cache"  # parents[1]: the snapshot folder
 
 # -----------------------------------------------------------------------------
+# GPU memory: whether a micro-batch fits (train.py halves DEVICE_BATCH_SIZE until one does)
+
+
+def cuda_step_fits(model, batch_size, seq_len, autocast):
+    """Whether a forward and backward of batch_size sequences, compiled as in training, fits in the GPU's memory with
+    room left for the optimizer's state (at most 2 values per parameter, allocated by the first step)."""
+    try:
+        with autocast:  # the memory does not depend on the tokens
+            model(*[torch.zeros(batch_size, seq_len, dtype=torch.long, device="cuda")] * 2).backward()
+        room = torch.cuda.mem_get_info()[0] + torch.cuda.memory_reserved()  # free, plus what this process holds
+        fits = torch.cuda.max_memory_allocated() + 2 * sum(p.nbytes for p in model.parameters()) <= room
+    except torch.OutOfMemoryError:
+        fits = False
+    model.zero_grad(set_to_none=True)
+    torch.cuda.empty_cache()
+    torch.cuda.reset_peak_memory_stats()  # train.py's peak_vram_mb is the training's
+    return fits
+
+
+# -----------------------------------------------------------------------------
 # Main
 
 

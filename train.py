@@ -19,7 +19,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.nn.attention.flex_attention import create_block_mask, flex_attention
 
-from prepare import (DATASET, GPU_PEAK_FLOPS, MAX_SEQ_LEN, Tokenizer, eval_tokens, evaluate_bpb,
+from prepare import (DATASET, GPU_PEAK_FLOPS, MAX_SEQ_LEN, Tokenizer, cuda_step_fits, eval_tokens, evaluate_bpb,
                      load_flash_attention_3, make_dataloader, shard_paths, time_budget)
 
 # The device is decided once, here: cuda -> mps -> cpu
@@ -399,12 +399,10 @@ WARMDOWN_RATIO = 0.5       # fraction of the budget at the end with linear lr de
 FINAL_LR_FRAC = 0.0        # lr multiplier at the very end
 SEED = 42                  # initial weights; reruns under other seeds set AUTORESEARCH_SEED (never tune SEED)
 
-# Small machines. On TinyStories (`uv run prepare.py --dataset tinystories`), the reference's advice for them: depth
-# 4, full-context windows only, 2**14 tokens per step. Off CUDA (Apple MPS, CPU) one default step takes minutes: a
-# small model and batch keep `uv run train.py` working end to end (prepare.py scores fewer tokens there); val_bpb
-# compares only with runs on the same machine.
-if DATASET == "tinystories":
+if DATASET == "tinystories":  # `uv run prepare.py --dataset tinystories`: the reference's advice for small machines
     DEPTH, WINDOW_PATTERN, TOTAL_BATCH_SIZE, DEVICE_BATCH_SIZE = 4, "L", 2**14, 32
+# Small machines (Apple MPS, CPU), where one default step takes minutes: a small model and batch keep `uv run train.py`
+# working end to end (prepare.py scores fewer tokens there); val_bpb compares only with runs on the same machine.
 if DEVICE_TYPE != "cuda":
     DEPTH, ASPECT_RATIO, HEAD_DIM = 2, 64, 64   # width 128, 2 heads (3.5M parameters on ClimbMix)
     TOTAL_BATCH_SIZE, DEVICE_BATCH_SIZE = 2**13, 4
@@ -467,9 +465,7 @@ def lr_multiplier(progress):
     return cooldown + (1 - cooldown) * FINAL_LR_FRAC
 
 
-def fit_micro_batch(fits):
-    """(micro-batch, gradient accumulation steps): DEVICE_BATCH_SIZE, halved until `fits(sequences)` (on CUDA: a
-    training step fits the GPU's memory), and the accumulation that keeps TOTAL_BATCH_SIZE tokens per step."""
+def fit_micro_batch(fits):  # (micro-batch, accumulation steps): DEVICE_BATCH_SIZE halved until fits(b)
     b = DEVICE_BATCH_SIZE
     while not fits(b):
         if b % 2:  # one sequence, or an odd DEVICE_BATCH_SIZE: no smaller half
@@ -478,23 +474,7 @@ def fit_micro_batch(fits):
         b //= 2
     if b < DEVICE_BATCH_SIZE:
         print(f"micro-batch: DEVICE_BATCH_SIZE {DEVICE_BATCH_SIZE} does not fit in the GPU's memory, {b} does")
-    return b, TOTAL_BATCH_SIZE // (b * MAX_SEQ_LEN)
-
-
-def step_fits(model, b, autocast):
-    """Whether a forward and backward of b sequences, compiled as in training, fits in the GPU's memory with room
-    left for the optimizer's state (at most 2 values per parameter, allocated by the first step)."""
-    try:
-        with autocast:  # the memory does not depend on the tokens
-            model(*[torch.zeros(b, MAX_SEQ_LEN, dtype=torch.long, device="cuda")] * 2).backward()
-        room = torch.cuda.mem_get_info()[0] + torch.cuda.memory_reserved()  # free, plus what this process holds
-        fits = torch.cuda.max_memory_allocated() + 2 * sum(p.nbytes for p in model.parameters()) <= room
-    except torch.OutOfMemoryError:
-        fits = False
-    model.zero_grad(set_to_none=True)
-    torch.cuda.empty_cache()
-    torch.cuda.reset_peak_memory_stats()  # peak_vram_mb is the training's
-    return fits
+    return b, TOTAL_BATCH_SIZE // (b * MAX_SEQ_LEN)  # the tokens per step stay
 
 
 def muon_momentum(step):
@@ -542,7 +522,7 @@ def main():
     print(f"model: {asdict(config)}")
     print("params: " + ", ".join(f"{k} {v:,}" for k, v in counts.items()) + f" | FLOPs/token: {flops_per_token:e}")
     DEVICE_BATCH_SIZE, grad_accum_steps = fit_micro_batch(  # on CUDA the model compiles here, at the first size tried
-        lambda b: DEVICE_TYPE != "cuda" or step_fits(model, b, autocast))
+        lambda b: DEVICE_TYPE != "cuda" or cuda_step_fits(model, b, MAX_SEQ_LEN, autocast))
     train_loader = make_dataloader(tokenizer, DEVICE_BATCH_SIZE, MAX_SEQ_LEN, "train", device=DEVICE_TYPE)
     print(f"batch: {TOTAL_BATCH_SIZE:,} tokens/step = {grad_accum_steps} x {DEVICE_BATCH_SIZE} x {MAX_SEQ_LEN} | "
           f"time budget: {budget:g}s | eval tokens: {val_tokens:,}"

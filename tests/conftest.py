@@ -5,8 +5,11 @@ session), and the environment the scripts under test start in. What the tests bu
 Run: uv run pytest
 """
 
+import atexit
 import os
+import shutil
 import signal
+import tempfile
 from pathlib import Path
 
 import pytest

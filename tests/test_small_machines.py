@@ -23,9 +23,8 @@ import torch
 
 import prepare
 import train
-from conftest import HUB_PATH, Hub, make_documents, python, run_script, write_shard
-from test_loop import EVAL_TOKENS, TIME_BUDGET, agent_env, make_repo
-from test_reliability import FaultHub
+from helpers import (EVAL_TOKENS, HUB_PATH, TIME_BUDGET, FaultHub, Hub, agent_env, make_documents, make_repo, python,
+                     run_script, write_shard)
 
 TS_PATH = "datasets/karpathy/tinystories-gpt4-clean/resolve/main/tinystories_gpt4_clean.parquet"  # under HF_ENDPOINT
 TS_FILE = TS_PATH.rsplit("/", 1)[1]
@@ -182,7 +181,7 @@ dataset:          climbmix
 
 
 def climbmix_baseline_log(cache, commit):
-    """A run.log of `commit` on ClimbMix, under the conditions of the TinyStories run (tests/test_loop.py's budget
+    """A run.log of `commit` on ClimbMix, under the conditions of the TinyStories run (tests/helpers.py's budget
     and evaluation tokens, on a CPU): the receipt evaluate_bpb prints on the ClimbMix cache, with the run's own
     fields (its commit, a clean checkout, no loader of the validation shard) as train.py's process would have them."""
     out = io.StringIO()
@@ -194,10 +193,10 @@ def climbmix_baseline_log(cache, commit):
 
 @pytest.fixture(scope="module")
 def night(tinystories, prepared_cache, tmp_path_factory):
-    """A repo of this project (tests/test_loop.py's, scaled down) whose baseline ran on ClimbMix, then TinyStories was
+    """A repo of this project (tests/helpers.py's, scaled down) whose baseline ran on ClimbMix, then TinyStories was
     prepared and the next commit ran on it; each recorded by the real `analysis.py record` (the plain rule)."""
     repo = tmp_path_factory.mktemp("repo")
-    env = agent_env(tinystories["cache"])
+    env = dict(agent_env(tinystories["cache"]), OMP_NUM_THREADS="1")  # two threads on a busy machine: 10x slower
     make_repo(repo, env, slow_start=False)
 
     def git(*args):
