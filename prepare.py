@@ -2,17 +2,20 @@
 One-time data preparation, and the fixed runtime utilities that train.py imports.
 
 Usage:
-    uv run prepare.py                     # 10 training shards + the validation shard, then the tokenizer
-    uv run prepare.py --num-shards 100    # more training data (-1 = all 6542 training shards)
+    uv run prepare.py                       # 10 training shards + the validation shard, then the tokenizer
+    uv run prepare.py --num-shards 100      # more training data (-1 = all 6542 training shards)
+    uv run prepare.py --dataset tinystories # small machines: GPT-4's short stories, with constants of their own
 
 On a CUDA machine it also fetches the Flash Attention 3 kernel for this GPU into the local kernel cache, where
 train.py finds it without the network.
 
 This file is the ground truth of every experiment: the constants, the tokenizer, the
 dataloader and evaluate_bpb. The agent never edits it, and it never imports train.py.
+The dataset prepared last is the one train.py trains and evaluates on (ClimbMix, unless TinyStories was).
 
 Environment:
     AUTORESEARCH_CACHE_DIR   cache root (default ~/.cache/autoresearch), with data/ and tokenizer/ under it
+                             (TinyStories: under tinystories/, and the file `dataset` naming it as prepared last)
     HF_ENDPOINT              Hugging Face host or mirror (default https://huggingface.co)
     KERNELS_CACHE, HF_HOME   where the `kernels` package caches kernels (default ~/.cache/huggingface/hub)
     AUTORESEARCH_TIME_BUDGET, AUTORESEARCH_EVAL_TOKENS   tests only: a shorter run (read once, here)
@@ -54,17 +57,73 @@ HELDOUT_FROM_SEED = 1000      # a run under a seed from 1000 up (the morning's c
                               # part: the tokens after the scored ones in the validation stream, unseen all night
 CAUSAL_TOLERANCE = 1e-3       # nats: how far a later token may move the loss at an earlier position (numerics only)
 
-CACHE_DIR = os.environ.get("AUTORESEARCH_CACHE_DIR") or os.path.join(os.path.expanduser("~"), ".cache", "autoresearch")
-DATA_DIR = os.path.join(CACHE_DIR, "data")
-TOKENIZER_DIR = os.path.join(CACHE_DIR, "tokenizer")
-TOKENIZER_FILE = os.path.join(TOKENIZER_DIR, "tokenizer.pkl")
-TOKEN_BYTES_FILE = os.path.join(TOKENIZER_DIR, "token_bytes.pt")
-
 HF_ENDPOINT = (os.environ.get("HF_ENDPOINT") or "https://huggingface.co").rstrip("/")
 BASE_URL = f"{HF_ENDPOINT}/datasets/karpathy/climbmix-400b-shuffle/resolve/main"
 MAX_SHARD = 6542              # shards are shard_00000 ... shard_06542
 VAL_SHARD = MAX_SHARD         # the last shard is pinned for validation, never trained on
 VAL_FILENAME = f"shard_{VAL_SHARD:05d}.parquet"
+
+# TinyStories, for small machines (`uv run prepare.py --dataset tinystories`): GPT-4's short stories for small
+# children, one pre-shuffled parquet file of 2,732,634 stories (673 MB). The reference's README advises small
+# machines to use it, with a smaller vocabulary, shorter sequences and fewer evaluation tokens: these are its fixed
+# constants, in a cache of its own (tinystories/ under the cache root), never compared with ClimbMix's.
+TINYSTORIES_URL = f"{HF_ENDPOINT}/datasets/karpathy/tinystories-gpt4-clean/resolve/main/tinystories_gpt4_clean.parquet"
+TINYSTORIES_HELDOUT_ROWS = 10_000   # rows 0-9,999 (the test rows by common use): the held-out part, scored only by the
+                                    # morning's confirmation
+TINYSTORIES_VAL_ROWS = 10_000       # rows 10,000-19,999: validation; the training data is every row from 20,000 on
+
+# Each dataset's fixed constants and files (in its data/ folder): train.py uses the one prepared last
+DATASETS = {
+    "climbmix": dict(folder="", seq_len=MAX_SEQ_LEN, vocab_size=VOCAB_SIZE, eval_tokens=EVAL_TOKENS,
+                     small_eval_tokens=SMALL_EVAL_TOKENS, val=VAL_FILENAME, heldout=None),
+    "tinystories": dict(
+        folder="tinystories",
+        seq_len=512,          # the reference advises "a lot" lower, "even down to 256": the stories are short (2.7 M
+                              # in 673 MB of parquet), and attention per token costs a quarter of 2048's
+        vocab_size=4096,      # its first step down (8192 -> 4096 ... 256): the stories use a small child's words, and
+                              # at depth 4 the embedding, value embeddings and head are most of the model's parameters
+        eval_tokens=2**19,    # on CUDA: 1/40 of ClimbMix's, 1,024 rows from the 10,000 validation stories;
+        small_eval_tokens=SMALL_EVAL_TOKENS,  # ... on a CPU or Apple MPS, as for ClimbMix
+        val="val.parquet", heldout="heldout.parquet"),
+}
+TRAIN_FILENAME = "train.parquet"    # TinyStories' training rows (ClimbMix's are its numbered shards)
+DATASET_FILE = "dataset"            # in the cache root: the name of the dataset prepared last (none: ClimbMix)
+
+CACHE_DIR = os.environ.get("AUTORESEARCH_CACHE_DIR") or os.path.join(os.path.expanduser("~"), ".cache", "autoresearch")
+
+
+def prepared_dataset(cache_dir):
+    """The dataset prepared last in a cache: the one its `dataset` file names, ClimbMix where there is none."""
+    path = os.path.join(cache_dir, DATASET_FILE)
+    try:
+        with open(path) as f:
+            name = f.read().strip()
+    except FileNotFoundError:
+        return "climbmix"
+    if name not in DATASETS:
+        raise DataError(f"{path} names no dataset this prepare.py knows ({name!r}, not one of {', '.join(DATASETS)}); "
+                        f"delete it (ClimbMix is then used), or prepare one with `uv run prepare.py [--dataset NAME]`.")
+    return name
+
+
+def dataset_dirs(cache_dir, name):
+    """(data folder, tokenizer folder) of a dataset: ClimbMix's at the cache root, as always; the others' below it."""
+    root = os.path.join(cache_dir, DATASETS[name]["folder"])
+    return os.path.join(root, "data"), os.path.join(root, "tokenizer")
+
+
+def use_dataset(name):
+    """Points this module's constants and paths at a dataset: when imported, the one prepared last (train.py's);
+    in main(), the one asked for."""
+    global DATASET, MAX_SEQ_LEN, VOCAB_SIZE, EVAL_TOKENS, SMALL_EVAL_TOKENS, VAL_FILENAME, HELDOUT_FILENAME
+    global DATA_DIR, TOKENIZER_DIR, TOKENIZER_FILE, TOKEN_BYTES_FILE
+    d = DATASETS[name]
+    DATASET, MAX_SEQ_LEN, VOCAB_SIZE = name, d["seq_len"], d["vocab_size"]
+    EVAL_TOKENS, SMALL_EVAL_TOKENS, VAL_FILENAME, HELDOUT_FILENAME = (d["eval_tokens"], d["small_eval_tokens"],
+                                                                       d["val"], d["heldout"])
+    DATA_DIR, TOKENIZER_DIR = dataset_dirs(CACHE_DIR, name)
+    TOKENIZER_FILE = os.path.join(TOKENIZER_DIR, "tokenizer.pkl")
+    TOKEN_BYTES_FILE = os.path.join(TOKENIZER_DIR, "token_bytes.pt")
 
 # GPT-4's split pattern, except numbers split into groups of 1-2 digits (not 1-3)
 SPLIT_PATTERN = r"""'(?i:[sdmt]|ll|ve|re)|[^\r\n\p{L}\p{N}]?+\p{L}+|\p{N}{1,2}| ?[^\s\p{L}\p{N}]++[\r\n]*|\s*[\r\n]|\s+(?!\S)|\s+"""
@@ -72,6 +131,22 @@ SPECIAL_TOKENS = [f"<|reserved_{i}|>" for i in range(4)]
 BOS_TOKEN = SPECIAL_TOKENS[0]
 TOKENIZER_DOC_CHARS = 10_000          # each document is cut to this many characters for BPE training
 TOKENIZER_MAX_CHARS = 1_000_000_000   # total characters of BPE training text
+
+# For train.py's MFU: bf16 dense peak FLOP/s by GPU name (first match wins; a laptop GPU's peak depends on its
+# power limit: unknown). Data-center cards: NVIDIA's datasheets, sparsity halved. RTX A6000, RTX 6000 Ada and
+# GeForce: the Ampere GA102, Ada and RTX Blackwell whitepapers' "Peak BF16 Tensor TFLOPS with FP32 Accumulate" (A6000
+# 154.8, 3090 71, 4090 165.2, 5090 209.5); on GeForce that is 4 x CUDA cores x boost clock, which gives the other
+# GeForce cards from NVIDIA's spec pages.
+GPU_PEAK_FLOPS = [
+    ("Laptop", 0.0), ("H100 PCIe", 756e12), ("H100", 989.5e12), ("H200", 989.5e12), ("H20", 148e12),
+    ("B200", 2250e12), ("A100", 312e12), ("A10G", 70e12), ("A10", 125e12), ("L40S", 362e12), ("L40", 181e12),
+    ("L4", 121e12), ("RTX 6000 Ada", 364.2e12), ("A6000", 154.8e12), ("RTX 5090", 209.5e12), ("RTX 5080", 112.6e12),
+    ("RTX 5070 Ti", 87.9e12), ("RTX 5070", 61.7e12), ("RTX 5060 Ti", 47.4e12), ("RTX 5060", 38.4e12),
+    ("RTX 4090 D", 147.1e12), ("RTX 4090", 165.2e12), ("RTX 4080 SUPER", 104.4e12), ("RTX 4080", 97.5e12),
+    ("RTX 4070 Ti SUPER", 88.2e12), ("RTX 4070 Ti", 80.2e12), ("RTX 4070 SUPER", 71e12), ("RTX 4070", 58.3e12),
+    ("RTX 4060 Ti", 44.1e12), ("RTX 4060", 30.2e12), ("RTX 3090 Ti", 80e12), ("RTX 3090", 71e12),
+    ("RTX 3080 Ti", 68.2e12), ("RTX 3080", 59.5e12), ("RTX 3070 Ti", 43.5e12), ("RTX 3070", 40.6e12),
+    ("RTX 3060 Ti", 32.4e12), ("RTX 3060", 25.5e12)]
 
 DOWNLOAD_ATTEMPTS = 5
 DOWNLOAD_TIMEOUT = float(os.environ.get("AUTORESEARCH_HTTP_TIMEOUT", 30))  # seconds without a byte before retrying
@@ -85,15 +160,20 @@ class DataError(SystemExit):
         super().__init__(f"error: {message}")
 
 
+use_dataset(prepared_dataset(CACHE_DIR))
+
+
 def shard_name(index):
     return f"shard_{index:05d}.parquet"
 
 
 def list_shards():
-    """Complete shards on disk, in file order (temporary files never match)."""
+    """Complete shards on disk, in file order (temporary files never match): ClimbMix's numbered ones, TinyStories'
+    training file."""
     if not os.path.isdir(DATA_DIR):
         return []
-    names = [n for n in os.listdir(DATA_DIR) if n.startswith("shard_") and n.endswith(".parquet") and len(n) == 19]
+    names = [n for n in os.listdir(DATA_DIR)
+             if (n.startswith("shard_") and n.endswith(".parquet") and len(n) == 19) or n == TRAIN_FILENAME]
     return [os.path.join(DATA_DIR, n) for n in sorted(names)]
 
 
@@ -109,15 +189,15 @@ def shard_problem(path):
 def shard_paths(split):
     """The shards of a split, checked up front so a bad cache fails before training, not after it."""
     assert split in ("train", "val"), split
-    hint = "run `uv run prepare.py` to download the data"
+    hint = f"run `{prepare_command()}` to download the data"
     if not os.path.isdir(DATA_DIR):
         raise DataError(f"no data directory at {DATA_DIR}; {hint}.")
     paths = list_shards()
-    if not paths:
-        raise DataError(f"no shards in {DATA_DIR}; {hint}.")
     val_path = os.path.join(DATA_DIR, VAL_FILENAME)
+    if not paths and not os.path.exists(val_path):
+        raise DataError(f"no shards in {DATA_DIR}; {hint}.")
     if split == "val":
-        paths = [val_path] if val_path in paths else []
+        paths = [val_path] if os.path.exists(val_path) else []
         if not paths:
             raise DataError(f"validation shard {val_path} is missing; {hint}.")
     else:
@@ -127,8 +207,13 @@ def shard_paths(split):
     for p in paths:
         problem = shard_problem(p)
         if problem:
-            raise DataError(f"{p} is {problem}. Delete it and re-run `uv run prepare.py`.")
+            raise DataError(f"{p} is {problem}. Delete it and re-run `{prepare_command()}`.")
     return paths
+
+
+def prepare_command(name=None):
+    """The command that prepares a dataset (the one in use by default), for the messages that name it."""
+    return "uv run prepare.py" + ("" if (name or DATASET) == "climbmix" else f" --dataset {name or DATASET}")
 
 
 def _row_group_texts(path):
@@ -161,12 +246,16 @@ def _remove_stale_temp_files():
 
 
 def download_shard(index, progress=None):
-    """Fetches one shard to a temporary file, checks it, renames it into place. Returns None or an error string."""
+    """Fetches one shard into DATA_DIR. Returns None or an error string."""
     name = shard_name(index)
-    path = os.path.join(DATA_DIR, name)
+    return download_file(f"{BASE_URL}/{name}", os.path.join(DATA_DIR, name), progress)
+
+
+def download_file(url, path, progress=None):
+    """Fetches a parquet file to a temporary file, checks it, renames it to `path`. Returns None or an error string."""
     if os.path.exists(path):
         return None
-    url = f"{BASE_URL}/{name}"
+    name = os.path.basename(path)
     tmp = f"{path}.{os.getpid()}.{threading.get_ident()}.tmp"
     error = ""
     for attempt in range(1, DOWNLOAD_ATTEMPTS + 1):
@@ -189,7 +278,7 @@ def download_shard(index, progress=None):
             problem = shard_problem(tmp)
             if problem:
                 raise OSError(f"the response is {problem}")
-            os.replace(tmp, path)  # atomic: a file named shard_*.parquet is always complete
+            os.replace(tmp, path)  # atomic: a file named *.parquet is always complete
             return None
         except (requests.RequestException, OSError) as e:
             error = str(e) or type(e).__name__
@@ -200,7 +289,7 @@ def download_shard(index, progress=None):
     return f"{name}: {error} (after {DOWNLOAD_ATTEMPTS} attempts, {url})"
 
 
-def check_host_reachable(url):
+def check_host_reachable(url, what="no shard", command="uv run prepare.py"):
     """Exits with one line when no connection to the data host can be opened at all (the name does not resolve,
     the connection is refused, no answer within 10 s: offline, blocked or a wrong HF_ENDPOINT). Retrying each
     shard with back-off cannot help there. Any answer from the host, even an error status, lets the downloads
@@ -221,8 +310,8 @@ def check_host_reachable(url):
     except requests.RequestException:
         return  # a read timeout or a bad answer: the host is there
     host = urllib3.util.parse_url(url).netloc
-    raise SystemExit(f"error: cannot reach {host} ({why}), so no shard can be downloaded; check the network, "
-                     f"or set HF_ENDPOINT to a Hugging Face mirror, then re-run `uv run prepare.py`.")
+    raise SystemExit(f"error: cannot reach {host} ({why}), so {what} can be downloaded; check the network, "
+                     f"or set HF_ENDPOINT to a Hugging Face mirror, then re-run `{command}`.")
 
 
 def download_data(num_shards, download_workers=8):
@@ -271,6 +360,74 @@ def download_data(num_shards, download_workers=8):
         for f in sorted(failures):
             print(f"  failed: {f}", file=sys.stderr)
         raise SystemExit(f"error: {len(failures)} shard(s) failed to download; re-run `uv run prepare.py` to fetch only the missing ones.")
+
+
+def prepare_tinystories():
+    """TinyStories' one file, downloaded as a shard is (retried, checked, renamed only when complete), then split by
+    rows into the held-out, validation and training files. Skipped when the split is on disk; the downloaded file is
+    deleted once split (the split holds every row)."""
+    os.makedirs(DATA_DIR, exist_ok=True)
+    _remove_stale_temp_files()
+    first_train = TINYSTORIES_HELDOUT_ROWS + TINYSTORIES_VAL_ROWS
+    parts = {HELDOUT_FILENAME: (0, TINYSTORIES_HELDOUT_ROWS), VAL_FILENAME: (TINYSTORIES_HELDOUT_ROWS, first_train),
+             TRAIN_FILENAME: (first_train, math.inf)}  # file -> rows [first, end)
+    source, command = os.path.join(DATA_DIR, os.path.basename(TINYSTORIES_URL)), prepare_command("tinystories")
+    if all(os.path.exists(p) and not shard_problem(p) for p in (os.path.join(DATA_DIR, n) for n in parts)):
+        print(f"Data: TinyStories already split in {DATA_DIR}")
+    else:
+        if os.path.exists(source) and shard_problem(source):
+            os.remove(source)
+        if not os.path.exists(source):
+            print(f"Data: downloading {TINYSTORIES_URL} to {DATA_DIR}", flush=True)
+            check_host_reachable(TINYSTORIES_URL, "nothing", command)
+            received = [0]
+
+            def progress(n):  # a line per 64 MB
+                received[0] += n
+                if received[0] >> 26 != (received[0] - n) >> 26:
+                    print(f"  {received[0] / 1e6:.0f} MB", flush=True)
+
+            error = download_file(TINYSTORIES_URL, source, progress)
+            if error:
+                raise SystemExit(f"error: {error}; re-run `{command}` to try again.")
+        rows = pq.ParquetFile(source).metadata.num_rows
+        if rows <= first_train:
+            raise DataError(f"{source} has {rows:,} rows, and TinyStories' split needs more than {first_train:,} "
+                            f"({TINYSTORIES_HELDOUT_ROWS:,} held out, {TINYSTORIES_VAL_ROWS:,} for validation, the "
+                            f"rest for training); delete it and re-run `{command}`.")
+        _split_rows(source, parts)
+        print(f"Data: TinyStories' {rows:,} rows split into {HELDOUT_FILENAME} (rows 0-{TINYSTORIES_HELDOUT_ROWS - 1:,}"
+              f"), {VAL_FILENAME} (rows {TINYSTORIES_HELDOUT_ROWS:,}-{first_train - 1:,}) and {TRAIN_FILENAME} (the "
+              f"rest) in {DATA_DIR}")
+    if os.path.exists(source):
+        os.remove(source)
+
+
+def _split_rows(source, parts):
+    """Rows [first, end) of `source` into DATA_DIR/file for each file: (first, end) of `parts`, 10,000 rows to a row
+    group. Every file is written under a temporary name, and all are renamed only when all are complete."""
+    pf = pq.ParquetFile(source)
+    tmp = {name: f"{os.path.join(DATA_DIR, name)}.{os.getpid()}.0.tmp" for name in parts}
+    writers, start = {}, 0
+    try:
+        for batch in pf.iter_batches(batch_size=10_000, columns=["text"]):
+            for name, (first, end) in parts.items():
+                a, b = max(first, start), min(end, start + batch.num_rows)
+                if a < b:
+                    if name not in writers:
+                        writers[name] = pq.ParquetWriter(tmp[name], batch.schema)
+                    writers[name].write_batch(batch.slice(a - start, b - a))
+            start += batch.num_rows
+        for name in parts:
+            writers.pop(name).close()
+        for name in parts:
+            os.replace(tmp[name], os.path.join(DATA_DIR, name))
+    finally:
+        for writer in writers.values():
+            writer.close()
+        for path in tmp.values():
+            if os.path.exists(path):
+                os.remove(path)
 
 # -----------------------------------------------------------------------------
 # Tokenizer
@@ -346,7 +503,8 @@ def train_tokenizer():
 
 
 class Tokenizer:
-    """tiktoken encoding trained by prepare.py: 8188 learned tokens, then the 4 special tokens (BOS first)."""
+    """tiktoken encoding trained by prepare.py: the learned tokens (8188 for ClimbMix), then the 4 special tokens (BOS
+    first)."""
 
     def __init__(self, enc):
         self.enc = enc
@@ -354,10 +512,10 @@ class Tokenizer:
         self._pool = None  # threads for encode_arrays, started on first use
 
     @classmethod
-    def from_directory(cls, tokenizer_dir=None):
-        tokenizer_dir = tokenizer_dir or TOKENIZER_DIR  # read at call time, like DATA_DIR
+    def from_directory(cls, tokenizer_dir=None, vocab_size=None):
+        tokenizer_dir, vocab_size = tokenizer_dir or TOKENIZER_DIR, vocab_size or VOCAB_SIZE  # read at call time
         path = os.path.join(tokenizer_dir, "tokenizer.pkl")
-        hint = "run `uv run prepare.py` to train it"
+        hint = f"run `{prepare_command()}` to train it"
         if not os.path.exists(path) or not os.path.exists(os.path.join(tokenizer_dir, "token_bytes.pt")):
             raise DataError(f"tokenizer not found in {tokenizer_dir}; {hint}.")
         try:
@@ -369,9 +527,9 @@ class Tokenizer:
             raise
         except Exception as e:
             raise DataError(f"{path} is corrupt ({type(e).__name__}); delete {tokenizer_dir} and {hint}.") from None
-        if enc.n_vocab != VOCAB_SIZE or len(token_bytes) != enc.n_vocab:
+        if enc.n_vocab != vocab_size or len(token_bytes) != enc.n_vocab:
             raise DataError(f"tokenizer in {tokenizer_dir} has {enc.n_vocab} tokens and {len(token_bytes)} byte "
-                            f"lengths, expected {VOCAB_SIZE}; delete {tokenizer_dir} and {hint}.")
+                            f"lengths, expected {vocab_size}; delete {tokenizer_dir} and {hint}.")
         return tokenizer
 
     def get_vocab_size(self):
@@ -427,7 +585,7 @@ def get_token_bytes(device="cpu", tokenizer_dir=None):
         token_bytes = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:
         raise DataError(f"{path} is missing or corrupt ({type(e).__name__}); delete {tokenizer_dir} and run "
-                        "`uv run prepare.py` to train the tokenizer again.") from None
+                        f"`{prepare_command()}` to train the tokenizer again.") from None
     return token_bytes.to(device)
 
 # -----------------------------------------------------------------------------
@@ -445,7 +603,7 @@ def _document_batches(paths, batch_size=128):
             except DataError:
                 raise
             except Exception as e:
-                raise DataError(f"cannot read {path} ({e}). Delete it and re-run `uv run prepare.py`.") from None
+                raise DataError(f"cannot read {path} ({e}). Delete it and re-run `{prepare_command()}`.") from None
 
 
 class DocumentBuffer:
@@ -659,17 +817,22 @@ _RUN["commit"], _RUN["dirty"] = _git_state(os.path.dirname(os.path.abspath(__fil
 
 
 class Metric:
-    """evaluate_bpb with every input fixed when the Metric is made: the sequence length, how many tokens it scores,
-    the validation shard, the tokenizer and its token-byte table, the functions that read and pack them, and this
-    file's hash. train.py uses the one made at import (evaluate_bpb below); tests make their own on their cache."""
+    """evaluate_bpb with every input fixed when the Metric is made: the dataset, its sequence length, how many tokens
+    it scores, the validation shard, the tokenizer and its token-byte table, the functions that read and pack them,
+    and this file's hash. train.py uses the one made at import (evaluate_bpb below); tests make their own on their
+    cache (by default on the dataset prepared last there)."""
 
-    def __init__(self, cache_dir, eval_tokens=None, time_budget=None, heldout=False):
-        self.seq_len, self.tolerance = MAX_SEQ_LEN, CAUSAL_TOLERANCE
-        self._tokens = {"cuda": eval_tokens or EVAL_TOKENS, "small": eval_tokens or SMALL_EVAL_TOKENS}
+    def __init__(self, cache_dir, eval_tokens=None, time_budget=None, heldout=False, dataset=None):
+        self.dataset = dataset or prepared_dataset(cache_dir)
+        d = DATASETS[self.dataset]
+        self.seq_len, self.vocab_size, self.tolerance = d["seq_len"], d["vocab_size"], CAUSAL_TOLERANCE
+        self._tokens = {"cuda": eval_tokens or d["eval_tokens"], "small": eval_tokens or d["small_eval_tokens"]}
         self._budget = float(TIME_BUDGET if time_budget is None else time_budget)
         self.heldout = heldout
-        self.val_path = os.path.join(cache_dir, "data", VAL_FILENAME)
-        self.tokenizer_dir = os.path.join(cache_dir, "tokenizer")
+        data_dir, self.tokenizer_dir = dataset_dirs(cache_dir, self.dataset)
+        self.val_path = os.path.join(data_dir, d["val"])
+        # the morning's held-out part: the dataset's held-out file, else the validation stream after the scored rows
+        self.heldout_path = os.path.join(data_dir, d["heldout"]) if d["heldout"] else None
         self.source = _file_digest(__file__)
         self._run, self._tokenizer = _RUN, None
         self._pack, self._documents, self._loader, self._load_tokenizer = (pack_batches, _document_batches,
@@ -700,11 +863,12 @@ class Metric:
         t0 = time.time()
         device = next(model.parameters()).device
         rows, T = self.eval_tokens(device.type) // self.seq_len, self.seq_len
-        hint = "run `uv run prepare.py`"
-        problem = self._shard_problem(self.val_path) if os.path.exists(self.val_path) else "missing"
-        if problem:
-            raise DataError(f"validation shard {self.val_path} is {problem}; {hint}.")
-        self._tokenizer = self._tokenizer or self._load_tokenizer(self.tokenizer_dir)
+        hint = f"run `{prepare_command(self.dataset)}`"
+        for path in [self.val_path] + [self.heldout_path] * bool(self.heldout and self.heldout_path):
+            problem = self._shard_problem(path) if os.path.exists(path) else "missing"
+            if problem:
+                raise DataError(f"validation shard {path} is {problem}; {hint}.")
+        self._tokenizer = self._tokenizer or self._load_tokenizer(self.tokenizer_dir, self.vocab_size)
         table = os.path.join(self.tokenizer_dir, "token_bytes.pt")
         token_bytes = torch.load(table, map_location="cpu", weights_only=True).to(device)
         vocab = self._tokenizer.get_vocab_size()
@@ -734,8 +898,9 @@ class Metric:
                   for name, (n, b) in sums.items()}
         bpb = {name: nats / (math.log(2) * nbytes) for name, (nats, nbytes) in totals.items()}
         first = self._run["first_batch"]
-        receipt = dict(val_bpb=bpb["val"], tokens=rows * T, rows=rows, bytes=totals["val"][1], nats=totals["val"][0],
-                       sum=hashes["val"].hexdigest(), val=digests["val"], table=self._digest(table),
+        receipt = dict(val_bpb=bpb["val"], dataset=self.dataset, tokens=rows * T, rows=rows, bytes=totals["val"][1],
+                       nats=totals["val"][0], sum=hashes["val"].hexdigest(), val=digests["val"],
+                       table=self._digest(table),
                        prepare=self.source, seq_len=T, budget=self._budget, batch=batch_size, leak=leak,
                        causal=leak <= self.tolerance, wrapped=stream["epoch"] > 1, val_loaders=self._run["val_loaders"],
                        train_tokens=self._run["train_tokens"], wall=round(t0 - first, 2) if first else None,
@@ -772,21 +937,26 @@ class Metric:
         return (changed - ce).abs()[before].mean().item()
 
     def _batches(self, B, parts, hashes, stream):
-        """(rows, epoch) for the loader's thread: each part's rows of the validation stream in order, B to a batch,
-        a part's last batch padded with copies of its first row (one shape all through: a compiled model compiles
-        once); the scored rows go into the part's hash."""
-        rows = self._pack(self._tokenizer, 1, self.seq_len, self._documents([self.val_path]))
+        """(rows, epoch) for the loader's thread: each part's rows in order (the validation stream's; the held-out
+        part's from the dataset's held-out file, else from where the scored rows end), B to a batch, a part's last
+        batch padded with copies of its first row (one shape all through: a compiled model compiles once); the scored
+        rows go into the part's hash."""
+        streams = {None: self._pack(self._tokenizer, 1, self.seq_len, self._documents([self.val_path]))}
         for name, n in parts:
+            path = self.heldout_path if name == "heldout" else None  # None: the validation stream, continued
+            if path not in streams:
+                streams[path] = self._pack(self._tokenizer, 1, self.seq_len, self._documents([path]))
             for start in range(0, n, B):
                 got = []
                 for _ in range(min(B, n - start)):
-                    row, stream["epoch"] = next(rows)
+                    row, epoch = next(streams[path])
+                    stream["epoch"] = max(stream["epoch"], epoch)
                     got.append(row[0])
                 hashes[name].update(np.stack(got).tobytes())
                 yield np.stack(got + got[:1] * (B - len(got))), stream["epoch"]
 
 
-_METRIC = Metric(CACHE_DIR, eval_tokens=_env_number("AUTORESEARCH_EVAL_TOKENS", int),
+_METRIC = Metric(CACHE_DIR, dataset=DATASET, eval_tokens=_env_number("AUTORESEARCH_EVAL_TOKENS", int),
                  time_budget=_env_number("AUTORESEARCH_TIME_BUDGET", float),
                  heldout=(os.environ.get("AUTORESEARCH_SEED") or "").isdigit()
                  and int(os.environ["AUTORESEARCH_SEED"]) >= HELDOUT_FROM_SEED)
@@ -831,11 +1001,45 @@ def load_flash_attention_3(capability):
     return get_local_kernel(variant_path.parents[1], package), repo, "cache"  # parents[1]: the snapshot folder
 
 # -----------------------------------------------------------------------------
+# GPU memory: whether a micro-batch fits (train.py halves DEVICE_BATCH_SIZE until one does)
+
+
+def cuda_step_fits(model, batch_size, seq_len, autocast):
+    """Whether a forward and backward of batch_size sequences, compiled as in training, fits in the GPU's memory with
+    room left for the optimizer's state (at most 2 values per parameter, allocated by the first step)."""
+    try:
+        with autocast:  # the memory does not depend on the tokens
+            model(*[torch.zeros(batch_size, seq_len, dtype=torch.long, device="cuda")] * 2).backward()
+        room = torch.cuda.mem_get_info()[0] + torch.cuda.memory_reserved()  # free, plus what this process holds
+        fits = torch.cuda.max_memory_allocated() + 2 * sum(p.nbytes for p in model.parameters()) <= room
+    except torch.OutOfMemoryError:
+        fits = False
+    model.zero_grad(set_to_none=True)
+    torch.cuda.empty_cache()
+    torch.cuda.reset_peak_memory_stats()  # train.py's peak_vram_mb is the training's
+    return fits
+
+
+# -----------------------------------------------------------------------------
 # Main
+
+
+def mark_prepared(name):
+    """Makes `name` the dataset train.py uses: named in the cache root's `dataset` file; for ClimbMix no such file,
+    as in every cache made before there was a choice."""
+    path = os.path.join(CACHE_DIR, DATASET_FILE)
+    if name != "climbmix":
+        _save_atomic(f"{name}\n".encode(), path, lambda data, f: f.write(data))
+    elif os.path.exists(path):
+        os.remove(path)
 
 
 def main():
     parser = argparse.ArgumentParser(description="Download the data and train the tokenizer for autoresearch.")
+    parser.add_argument("--dataset", choices=list(DATASETS), default="climbmix",
+                        help="climbmix (the reference's, default) or tinystories (small machines: short stories, "
+                             "shorter sequences, a smaller vocabulary, a cache of its own); train.py uses the one "
+                             "prepared last")
     parser.add_argument("--num-shards", type=int, default=10, help="training shards to download (-1 = all 6542)")
     parser.add_argument("--download-workers", type=int, default=8, help="parallel downloads")
     args = parser.parse_args()
@@ -843,15 +1047,23 @@ def main():
         parser.error("--num-shards must be at least 1 (or -1 for all 6542)")
     if args.download_workers < 1:
         parser.error("--download-workers must be at least 1")
-    print(f"Cache: {CACHE_DIR}")
+    if args.dataset != DATASET:
+        use_dataset(args.dataset)
+    print(f"Cache: {CACHE_DIR}" + ("" if DATASET == "climbmix" else f" (dataset: {DATASET}, in {DATA_DIR})"))
     try:
-        download_data(args.num_shards, args.download_workers)
+        if DATASET == "climbmix":
+            download_data(args.num_shards, args.download_workers)
+        else:
+            prepare_tinystories()
         train_tokenizer()
         if torch.cuda.is_available():
             fetch_attention_kernel(torch.cuda.get_device_capability())
     except KeyboardInterrupt:
-        raise SystemExit("\ninterrupted: complete shards are kept; re-run `uv run prepare.py` to fetch the rest") from None
-    print("Done: ready to train with `uv run train.py`.")
+        raise SystemExit(f"\ninterrupted: complete files are kept; re-run `{prepare_command()}` to fetch the rest") \
+            from None
+    mark_prepared(DATASET)
+    print("Done: ready to train with `uv run train.py`." if DATASET == "climbmix" else
+          f"Done: ready to train on {DATASET} with `uv run train.py` (`uv run prepare.py` switches back to ClimbMix).")
 
 
 if __name__ == "__main__":

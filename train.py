@@ -19,8 +19,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.nn.attention.flex_attention import create_block_mask, flex_attention
 
-from prepare import (MAX_SEQ_LEN, Tokenizer, eval_tokens, evaluate_bpb, load_flash_attention_3, make_dataloader,
-                     shard_paths, time_budget)
+from prepare import (DATASET, GPU_PEAK_FLOPS, MAX_SEQ_LEN, Tokenizer, cuda_step_fits, eval_tokens, evaluate_bpb,
+                     load_flash_attention_3, make_dataloader, shard_paths, time_budget)
 
 # The device is decided once, here: cuda -> mps -> cpu
 DEVICE_TYPE = "cuda" if torch.cuda.is_available() else "mps" if torch.backends.mps.is_available() else "cpu"
@@ -387,7 +387,7 @@ WINDOW_PATTERN = "SSSL"    # S = half-context sliding window, L = full context; 
 
 # Optimization
 TOTAL_BATCH_SIZE = 2**19   # tokens per optimizer step (gradient accumulation over micro-batches)
-DEVICE_BATCH_SIZE = 128    # sequences per micro-batch (lower it if you run out of memory)
+DEVICE_BATCH_SIZE = 128    # sequences per micro-batch, at most: on CUDA halved until a step fits the GPU's memory
 EMBEDDING_LR = 0.6         # AdamW, token and value embeddings
 UNEMBEDDING_LR = 0.004     # AdamW, output head
 MATRIX_LR = 0.04           # Muon, block matrices
@@ -399,11 +399,12 @@ WARMDOWN_RATIO = 0.5       # fraction of the budget at the end with linear lr de
 FINAL_LR_FRAC = 0.0        # lr multiplier at the very end
 SEED = 42                  # initial weights; reruns under other seeds set AUTORESEARCH_SEED (never tune SEED)
 
-# Small machines (Apple MPS, CPU), where one default step takes minutes: a small model and batch keep
-# `uv run train.py` working end to end (prepare.py scores fewer tokens there); val_bpb compares only with runs on
-# the same machine.
+if DATASET == "tinystories":  # `uv run prepare.py --dataset tinystories`: the reference's advice for small machines
+    DEPTH, WINDOW_PATTERN, TOTAL_BATCH_SIZE, DEVICE_BATCH_SIZE = 4, "L", 2**14, 32
+# Small machines (Apple MPS, CPU), where one default step takes minutes: a small model and batch keep `uv run train.py`
+# working end to end (prepare.py scores fewer tokens there); val_bpb compares only with runs on the same machine.
 if DEVICE_TYPE != "cuda":
-    DEPTH, ASPECT_RATIO, HEAD_DIM = 2, 64, 64   # width 128, 2 heads, 3.5M parameters
+    DEPTH, ASPECT_RATIO, HEAD_DIM = 2, 64, 64   # width 128, 2 heads (3.5M parameters on ClimbMix)
     TOTAL_BATCH_SIZE, DEVICE_BATCH_SIZE = 2**13, 4
 
 # -----------------------------------------------------------------------------
@@ -431,12 +432,6 @@ def build_model_config(depth, vocab_size):
     n_head = model_dim // HEAD_DIM
     return GPTConfig(sequence_len=MAX_SEQ_LEN, vocab_size=vocab_size, n_layer=depth, n_head=n_head,
                      n_kv_head=n_head, n_embd=model_dim, window_pattern=WINDOW_PATTERN)
-
-
-# bf16 dense peak FLOP/s by GPU name, for MFU (first match wins)
-GPU_PEAK_FLOPS = [("H100 PCIe", 756e12), ("H100", 989.5e12), ("H200", 989.5e12), ("H20", 148e12), ("B200", 2250e12),
-                  ("A100", 312e12), ("A10G", 70e12), ("L40S", 362e12), ("L4", 121e12), ("RTX 4090", 165e12),
-                  ("RTX 3090", 71e12), ("A6000", 155e12)]
 
 
 def peak_memory_mb():
@@ -470,6 +465,18 @@ def lr_multiplier(progress):
     return cooldown + (1 - cooldown) * FINAL_LR_FRAC
 
 
+def fit_micro_batch(fits):  # (micro-batch, accumulation steps): DEVICE_BATCH_SIZE halved until fits(b)
+    b = DEVICE_BATCH_SIZE
+    while not fits(b):
+        if b % 2:  # one sequence, or an odd DEVICE_BATCH_SIZE: no smaller half
+            raise SystemExit(f"error: {b} x {MAX_SEQ_LEN} tokens per micro-batch do not fit in the GPU's memory; lower "
+                             f"DEPTH (now {DEPTH}) in train.py, or use `uv run prepare.py --dataset tinystories`")
+        b //= 2
+    if b < DEVICE_BATCH_SIZE:
+        print(f"micro-batch: DEVICE_BATCH_SIZE {DEVICE_BATCH_SIZE} does not fit in the GPU's memory, {b} does")
+    return b, TOTAL_BATCH_SIZE // (b * MAX_SEQ_LEN)  # the tokens per step stay
+
+
 def muon_momentum(step):
     return 0.85 + 0.10 * min(step / 300, 1.0)  # 0.85 -> 0.95 over the first 300 steps
 
@@ -479,7 +486,7 @@ def muon_weight_decay(progress):
 
 
 def main():
-    global ATTN_BACKEND, fa3
+    global ATTN_BACKEND, fa3, DEVICE_BATCH_SIZE
     t_start = time.time()
     check_settings()
     budget, val_tokens = time_budget(), eval_tokens(DEVICE_TYPE)  # prepare.py's (tests shorten them)
@@ -489,9 +496,7 @@ def main():
     seed = int(seed)
     # a missing or broken tokenizer or shard fails here, before anything is built, not after training
     tokenizer = Tokenizer.from_directory()
-    # the loader's thread packs the first batches while the model is built and compiled
-    train_loader = make_dataloader(tokenizer, DEVICE_BATCH_SIZE, MAX_SEQ_LEN, "train", device=DEVICE_TYPE)
-    shard_paths("val")
+    shard_paths("train"), shard_paths("val")
     torch.set_float32_matmul_precision("high")
     autocast = torch.autocast(device_type="cuda", dtype=torch.bfloat16) if DEVICE_TYPE == "cuda" else nullcontext()
     ATTN_BACKEND, fa3, attn_note = load_attention_backend()
@@ -507,16 +512,18 @@ def main():
     model.init_weights(seed)
     fingerprint = init_fingerprint(model)
     counts, flops_per_token = model.num_params(), model.estimate_flops()
-    grad_accum_steps = TOTAL_BATCH_SIZE // (DEVICE_BATCH_SIZE * MAX_SEQ_LEN)
     optimizer = model.setup_optimizer(unembedding_lr=UNEMBEDDING_LR, embedding_lr=EMBEDDING_LR, matrix_lr=MATRIX_LR,
                                       weight_decay=WEIGHT_DECAY, adam_betas=ADAM_BETAS, scalar_lr=SCALAR_LR)
     if DEVICE_TYPE == "cuda":
         model = torch.compile(model, dynamic=False)
 
-    print(f"torch {torch.__version__} | device: {DEVICE_TYPE}{f' ({gpu})' if gpu else ''} | seed: {seed} | "
-          f"precision: {'bf16 autocast' if DEVICE_TYPE == 'cuda' else 'fp32'} | attention: {attn_note}")
+    print(f"torch {torch.__version__} | device: {DEVICE_TYPE}{f' ({gpu})' if gpu else ''} | dataset: {DATASET} | "
+          f"seed: {seed} | precision: {'bf16 autocast' if DEVICE_TYPE == 'cuda' else 'fp32'} | attention: {attn_note}")
     print(f"model: {asdict(config)}")
     print("params: " + ", ".join(f"{k} {v:,}" for k, v in counts.items()) + f" | FLOPs/token: {flops_per_token:e}")
+    DEVICE_BATCH_SIZE, grad_accum_steps = fit_micro_batch(  # on CUDA the model compiles here, at the first size tried
+        lambda b: DEVICE_TYPE != "cuda" or cuda_step_fits(model, b, MAX_SEQ_LEN, autocast))
+    train_loader = make_dataloader(tokenizer, DEVICE_BATCH_SIZE, MAX_SEQ_LEN, "train", device=DEVICE_TYPE)
     print(f"batch: {TOTAL_BATCH_SIZE:,} tokens/step = {grad_accum_steps} x {DEVICE_BATCH_SIZE} x {MAX_SEQ_LEN} | "
           f"time budget: {budget:g}s | eval tokens: {val_tokens:,}"
           + ("" if DEVICE_TYPE == "cuda" else " (small-machine settings)"))
@@ -599,7 +606,8 @@ def main():
     print(f"depth:            {DEPTH}")
     # the run's conditions, after the reference's nine keys: analysis.py compares only like with like
     for key, value in [("seed", seed), ("attention", ATTN_BACKEND), ("device", gpu or DEVICE_TYPE),
-                       ("init_fingerprint", fingerprint), ("time_budget", f"{budget:g}"), ("eval_tokens", val_tokens)]:
+                       ("init_fingerprint", fingerprint), ("time_budget", f"{budget:g}"), ("eval_tokens", val_tokens),
+                       ("dataset", DATASET)]:
         print(f"{key + ':':<18}{value}")
 
 

@@ -5,8 +5,11 @@ session), and the environment the scripts under test start in. What the tests bu
 Run: uv run pytest
 """
 
+import atexit
 import os
+import shutil
 import signal
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -18,6 +21,9 @@ from helpers import Hub, make_shards, prepare_from_local_hub
 # the pages in again at the next step; kept instead, a tiny CPU run takes ~20% less time. Tests only.
 os.environ.setdefault("MALLOC_MMAP_THRESHOLD_", str(2**32))
 os.environ.setdefault("MALLOC_TRIM_THRESHOLD_", str(2**32))
+# prepare.py, imported by this process, reads which dataset the cache root holds: never the user's own cache
+os.environ["AUTORESEARCH_CACHE_DIR"] = tempfile.mkdtemp(prefix="autoresearch-test-cache-")
+atexit.register(shutil.rmtree, os.environ["AUTORESEARCH_CACHE_DIR"], True)
 
 
 # pytest-xdist hands whole test files to its workers in collection order (pyproject.toml: --dist loadfile): the

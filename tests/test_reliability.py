@@ -15,163 +15,18 @@ import os
 import random
 import shutil
 import signal
-import socket
-import struct
 import subprocess
 import sys
-import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import pytest
 
-from helpers import HUB_PATH, ROOT, VAL_SHARD, make_shards, run_script, script_env
+from helpers import ROOT, VAL_SHARD, FaultHub, make_shards, run_script, script_env
 
 TIMEOUT = 120  # seconds: the most any one subprocess may take before the test fails
 SHARD0, SHARD1, VAL = "shard_00000.parquet", "shard_00001.parquet", f"shard_{VAL_SHARD:05d}.parquet"
-
-
-# -----------------------------------------------------------------------------
-# A hub that misbehaves on request
-
-
-class FaultHub:
-    """A real ThreadingHTTPServer on 127.0.0.1 serving shards at HUB_PATH, with a script of faults per shard.
-
-    `script[name]` is either a list of faults used by that shard's successive requests (then it is served
-    normally), or one fault used on every request. Faults:
-        "ok"         200 and the whole file
-        404/500/503  that status and a short text body
-        "html"       200 and an HTML error page (not parquet)
-        "drop"       full Content-Length, half of the body, then the socket is reset (RST)
-        "short"      full Content-Length, three quarters of the body, then a clean close (FIN)
-        "stall"      accepts and reads the request, then sends nothing
-        "stall_mid"  headers and a quarter of the body, then nothing
-        "slow"       the whole file, 4 KiB every 10 ms
-        "slow_stall" half of the file, 4 KiB every 10 ms, then nothing
-    A stall lasts until the client goes away, `release()` is called or `hold_s` passes.
-    """
-
-    def __init__(self, shards, script=None, hold_s=20.0, slow_chunk=4096, slow_delay=0.01):
-        self.shards = dict(shards)          # name -> bytes
-        self.script = dict(script or {})    # name -> list of faults, or one fault for every request
-        self.log = []                       # (name, fault) per request, in order
-        self.times = []                     # time.monotonic() of each request in self.log
-        self.sent = {}                      # name -> body bytes written to the socket so far
-        self.hold_s, self.slow_chunk, self.slow_delay = hold_s, slow_chunk, slow_delay
-        self.lock = threading.Lock()
-        self.released = threading.Event()
-        hub = self
-
-        class Handler(BaseHTTPRequestHandler):
-            def do_GET(self):
-                name = self.path.rsplit("/", 1)[-1]
-                with hub.lock:
-                    if self.path != f"/{HUB_PATH}/{name}" or name not in hub.shards:
-                        fault = 404
-                    else:
-                        s = hub.script.get(name, [])
-                        fault = s.pop(0) if isinstance(s, list) and s else ("ok" if isinstance(s, list) else s)
-                    hub.log.append((name, fault))
-                    hub.times.append(time.monotonic())
-                try:
-                    hub._serve(self, name, fault)
-                except OSError:  # the client went away (timed out, killed): nothing to do
-                    self.close_connection = True
-
-            def log_message(self, *args):
-                pass
-
-        class Server(ThreadingHTTPServer):
-            daemon_threads = True
-
-            def handle_error(self, request, client_address):
-                pass
-
-        self.server = Server(("127.0.0.1", 0), Handler)
-        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
-        threading.Thread(target=self.server.serve_forever, daemon=True).start()
-
-    def _send_body(self, handler, name, data):
-        handler.wfile.write(data)
-        with self.lock:
-            self.sent[name] = self.sent.get(name, 0) + len(data)
-
-    def _hold(self, handler):
-        """Sends nothing until the client closes, release() or hold_s."""
-        handler.connection.settimeout(0.1)
-        deadline = time.monotonic() + self.hold_s
-        while not self.released.is_set() and time.monotonic() < deadline:
-            try:
-                if handler.connection.recv(1) == b"":
-                    break  # the client closed its end
-            except socket.timeout:
-                pass
-        handler.close_connection = True
-
-    def _serve(self, handler, name, fault):
-        data = self.shards.get(name, b"")
-        if isinstance(fault, int):
-            body = f"{fault} error\n".encode()
-            handler.send_response(fault)
-            handler.send_header("Content-Type", "text/plain")
-            handler.send_header("Content-Length", str(len(body)))
-            handler.end_headers()
-            handler.wfile.write(body)
-            return
-        if fault == "html":
-            body = b"<!DOCTYPE html><html><body><h1>Service temporarily unavailable</h1></body></html>\n" * 20
-            handler.send_response(200)
-            handler.send_header("Content-Type", "text/html; charset=utf-8")
-            handler.send_header("Content-Length", str(len(body)))
-            handler.end_headers()
-            self._send_body(handler, name, body)
-            return
-        if fault == "stall":
-            self._hold(handler)
-            return
-        handler.send_response(200)
-        handler.send_header("Content-Type", "application/octet-stream")
-        handler.send_header("Content-Length", str(len(data)))  # always the full length, whatever is sent
-        handler.end_headers()
-        if fault == "ok":
-            self._send_body(handler, name, data)
-        elif fault in ("slow", "slow_stall"):
-            end = len(data) if fault == "slow" else len(data) // 2
-            for i in range(0, end, self.slow_chunk):
-                if self.released.is_set():
-                    handler.close_connection = True
-                    return
-                self._send_body(handler, name, data[i:min(i + self.slow_chunk, end)])
-                time.sleep(self.slow_delay)
-            if fault == "slow_stall":
-                self._hold(handler)
-        elif fault == "drop":
-            self._send_body(handler, name, data[:len(data) // 2])
-            handler.connection.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
-            handler.connection.close()  # RST, mid-body
-            handler.close_connection = True
-        elif fault == "short":
-            self._send_body(handler, name, data[:len(data) * 3 // 4])
-            handler.close_connection = True
-        elif fault == "stall_mid":
-            self._send_body(handler, name, data[:len(data) // 4])
-            self._hold(handler)
-        else:
-            raise AssertionError(f"unknown fault {fault!r}")
-
-    def requests_for(self, name):
-        return [f for n, f in self.log if n == name]
-
-    def release(self):
-        self.released.set()
-
-    def close(self):
-        self.release()
-        self.server.shutdown()
-        self.server.server_close()
 
 
 # -----------------------------------------------------------------------------

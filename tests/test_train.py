@@ -427,7 +427,8 @@ SUMMARY = [
     ("num_steps", r"\d+"), ("num_params_M", r"\d+\.\d"), ("depth", r"\d+"),
 ]  # the reference's nine keys, in its order; then the run's conditions (analysis.py compares only like with like)
 CONDITIONS = [("seed", r"-?\d+"), ("attention", r"(?:fa3|flex|sdpa)"), ("device", r".+"),
-              ("init_fingerprint", r"[0-9a-f]{12}"), ("time_budget", r"\d+(?:\.\d+)?"), ("eval_tokens", r"\d+")]
+              ("init_fingerprint", r"[0-9a-f]{12}"), ("time_budget", r"\d+(?:\.\d+)?"), ("eval_tokens", r"\d+"),
+              ("dataset", r"climbmix|tinystories")]
 OTHER_SEED = 43
 EVAL_TOKENS = 3 * 2048 + 1000  # three rows of 2048 tokens, and a remainder left out
 ONE_THREAD = {"OMP_NUM_THREADS": "1"}  # runs side by side share the 2 cores instead of fighting over them
@@ -482,7 +483,7 @@ def test_train_py_end_to_end_prints_the_summary_block_and_learns(seeded_run, pre
     assert block[len(SUMMARY):] == [
         f"seed:             {OTHER_SEED}", "attention:        sdpa", f"device:           {train.DEVICE_TYPE}",
         f"init_fingerprint: {train.init_fingerprint(build_like_main(OTHER_SEED, vocab))}",
-        "time_budget:      4", f"eval_tokens:      {evaluated}"]
+        "time_budget:      4", f"eval_tokens:      {evaluated}", "dataset:          climbmix"]
     values = {line.split(":")[0]: float(line.split()[1]) for line in block[:len(SUMMARY)]}
     assert values["num_steps"] > 11 and values["training_seconds"] >= 4.0
     assert values["depth"] == train.DEPTH and values["num_params_M"] == 3.5
