@@ -13,12 +13,13 @@ Usage:
 It is a stand-in, not the real data. The stories come from a small probabilistic grammar (a child with a name, a
 friend, a place, an object and a feeling, and one of a few plots: something lost and found, a new friend, sharing, a
 fear overcome, bad weather, a helping hand), so they repeat their words and sentence shapes far more than GPT-4's
-stories do: about 330 distinct words in all, 50 to 100 words a story (72 on average; the real file's average is about
-170, from a much larger vocabulary). Its val_bpb is therefore much lower than the real file's would be, and only
-comparable with runs on this same file. The name, pronoun and object of a story are chosen once and reused in it, so
-a model gains from looking back over the story. Every story is drawn independently, in file order, from one seeded
-generator: the same --seed gives the same bytes; rows 0-19,999 (held out and validation in prepare.py's split) are as
-random as the rest.
+stories do: about 330 distinct words, plus 8,000 made-up names (drawn Zipf-like, 30% of the names; without that long
+tail the 4,096-token tokenizer finds only 874 tokens to learn and prepare.py stops), 50 to 100 words a story (72 on
+average; the real file's average is about 170, from a much larger vocabulary). Its val_bpb is therefore much lower
+than the real file's would be, and only comparable with runs on this same file. The name, pronoun and object of a
+story are chosen once and reused in it, so a model gains from looking back over the story. Every story is drawn
+independently, in file order, from one seeded generator: the same --seed gives the same bytes; rows 0-19,999 (held
+out and validation in prepare.py's split) are as random as the rest.
 
 250,000 stories (about 90 MB of text, 20 M tokens) are far more than a CPU night reads: a 60-second run on 2 cores
 trains on under 1 M tokens, so no run sees a story twice; prepare.py's tokenizer learns from all 230,000 training rows.
@@ -51,19 +52,44 @@ WEATHER = [("rain", "it started to rain"), ("wind", "a strong wind came"), ("sto
 HELPERS = ["mom", "dad", "grandma", "grandpa", "the teacher", "a kind old man", "a wise owl", "big sister"]
 
 
+SYLLABLES = ("ba be bi bo bu da de di do du fa fe fi fo ga go ka ke ki ko la le li lo lu ma me mi mo mu na ne ni no "
+             "pa pe pi po ra re ri ro ru sa se si so ta te ti to va vi wa wi ya yo za zi").split()
+ENDINGS = ["", "", "", "n", "l", "m", "r", "s", "x", "th", "ck", "lly", "nna", "bby"]
+RARE = []  # the made-up names, drawn by main() from the seeded generator
+
+
+def rare_names(rng, n=8000):
+    """n made-up names, 2 or 3 syllables: the long tail of names that a model can only copy from earlier in the
+    story (GPT-4's stories use thousands of names; with 32 here the tokenizer would find too little to learn)."""
+    names = set()
+    while len(names) < n:
+        names.add("".join(pick(rng, SYLLABLES) for _ in range(2 + (rng.random() < 0.3))).capitalize()
+                  + pick(rng, ENDINGS))
+    names = sorted(names)  # then in a random order: which ones are common is drawn too
+    rng.shuffle(names)
+    return names
+
+
 def pick(rng, items):
     return items[rng.randrange(len(items))]
+
+
+def pick_name(rng, common):
+    """A common name, or one of the made-up names (the first ones far more often: Zipf-like)."""
+    if rng.random() < 0.7:
+        return pick(rng, common)
+    return RARE[min(int(rng.paretovariate(0.5)) - 1, len(RARE) - 1)]
 
 
 def hero(rng):
     """(name, he/she, his/her, noun phrase for the first line)."""
     if rng.random() < 0.75:
         girl = rng.random() < 0.5
-        name = pick(rng, GIRLS if girl else BOYS)
+        name = pick_name(rng, GIRLS if girl else BOYS)
         kind = "girl" if girl else "boy"
         return name, "she" if girl else "he", "her" if girl else "his", f"a {pick(rng, ADJECTIVES)} {kind}"
     animal, pronoun = pick(rng, ANIMALS)
-    name = pick(rng, GIRLS if pronoun == "she" else BOYS)
+    name = pick_name(rng, GIRLS if pronoun == "she" else BOYS)
     return name, pronoun, "her" if pronoun == "she" else "his", f"a {pick(rng, ADJECTIVES)} {animal}"
 
 
@@ -147,6 +173,7 @@ def main():
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
     rng = random.Random(args.seed)
+    RARE[:] = rare_names(rng)
     out = args.hub_root / HUB_PATH / FILENAME
     out.parent.mkdir(parents=True, exist_ok=True)
     schema = pa.schema([("text", pa.string())])
