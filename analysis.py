@@ -281,7 +281,8 @@ def _speed_notes(n, commit, best):
         lo, hi = n["swings"][commit]
         return [f"its runs made {lo}-{hi} steps: the machine's speed swings (see `uv run analysis.py`)"]
     if n["swings"] and mine and theirs and abs(mine - theirs) > STEP_TOLERANCE * max(mine, theirs):
-        return [f"{mine:g} steps against the best's {theirs:g}: the machine's speed swings, so this measures it too"]
+        return [f"{mine:g} steps against the best's {theirs:g} on a machine whose speed swings: unless the edit "
+                "changed the steps, this measures the machine too"]
     return []
 
 
@@ -370,8 +371,11 @@ def judge(df, commit=None, rule="noise"):
         action = f"rerun with seed {next_seed}: " + (
             "undecided" if z < keep_at else f"promising, but nothing is kept on one run before sigma has "
                                             f"{rule_.ONE_RUN_KEEP_DOF} dof ({night.dof[0]:g} so far)")
+    runs_mean = float(np.mean(list(n["values"][best].values())))
+    shown = " seed for seed" if c.paired[0] else "" if abs(c.shown[0] - runs_mean) < 5e-7 else \
+        f" estimated (its runs {runs_mean:.6f}: a kept run carries its luck)"
     head = (f"{action}: {commit} {np.mean(list(cand.values())):.6f} ({_plural(len(cand), 'seed')}) vs best {best} "
-            f"{c.shown[0]:.6f}{' seed for seed' if c.paired[0] else ''}: "
+            f"{c.shown[0]:.6f}{shown}: "
             f"{'better' if diff > 0 else 'worse' if diff < 0 else 'equal'} by {abs(diff):.6f} = "
             f"{abs(diff) / floor:.1f} noise floors, z {z:+.2f} ({bars})")
     notes = [f"{_plural(len(left_out), 'run')} left out (other step counts)"] * bool(left_out)
@@ -647,7 +651,8 @@ def flags_of(decisions, commit, receipt, base_receipts, repo):
     """The DIFF_FLAGS that the diff of train.py against the best it is compared with touches, and the RUN_FLAGS."""
     best = best_commit(decisions, commit) or decisions["commit"].iloc[0]
     diff = _git_lines(repo, "diff", "-U0", best, commit, "--", EDITABLE) or []
-    changed = "\n".join(line[1:] for line in diff if line[:1] in "+-" and line[:3] not in ("+++", "---"))
+    changed = "\n".join(re.sub(r"#.*", "", line[1:]) for line in diff  # comments left out: a word there runs nothing
+                        if line[:1] in "+-" and line[:3] not in ("+++", "---"))
     flags = [k for k, (pattern, _) in DIFF_FLAGS.items() if re.search(pattern, changed)]
     base_excess = [float(f["wall"]) - float(f.get("budget", 0)) for f in base_receipts if "wall" in f]
     excess = receipt["wall"] - receipt["budget"] if receipt.get("wall") is not None else None  # warm-up and more

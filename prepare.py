@@ -5,6 +5,7 @@ Usage:
     uv run prepare.py                       # 10 training shards + the validation shard, then the tokenizer
     uv run prepare.py --num-shards 100      # more training data (-1 = all 6542 training shards)
     uv run prepare.py --dataset tinystories # small machines: GPT-4's short stories, with constants of their own
+    uv run prepare.py --check               # the data of the dataset in use is there and whole: one line
 
 On a CUDA machine it also fetches the Flash Attention 3 kernel for this GPU into the local kernel cache, where
 train.py finds it without the network.
@@ -486,9 +487,11 @@ def train_tokenizer():
                 f"too little text to train the tokenizer: the {found['shards']} training shard(s) in {DATA_DIR} hold "
                 f"{found['documents']:,} documents ({found['characters']:,} characters), which gave {len(ranks):,} "
                 f"of the {n_learned:,} learned tokens that the {VOCAB_SIZE:,}-token vocabulary needs (varied text of "
-                f"a few hundred thousand characters is usually enough). Download more shards "
-                f"(`uv run prepare.py --num-shards N` with N above {found['shards']}) or put more text in the shards "
-                f"and run `uv run prepare.py` again.")
+                f"a few hundred thousand characters is usually enough). "
+                + (f"Download more shards (`uv run prepare.py --num-shards N` with N above {found['shards']}) or put "
+                   "more text in the shards and run `uv run prepare.py` again." if DATASET == "climbmix" else
+                   f"The downloaded file is too small or too repetitive: delete {DATA_DIR} and run "
+                   f"`{prepare_command()}` again."))
         specials = {name: len(ranks) + i for i, name in enumerate(SPECIAL_TOKENS)}  # appended after the learned tokens
         enc = tiktoken.Encoding(name="rustbpe", pat_str=bpe.get_pattern(), mergeable_ranks=ranks, special_tokens=specials)
         assert enc.n_vocab == VOCAB_SIZE, f"trained {enc.n_vocab} tokens, expected {VOCAB_SIZE}"
@@ -1042,7 +1045,15 @@ def main():
                              "prepared last")
     parser.add_argument("--num-shards", type=int, default=10, help="training shards to download (-1 = all 6542)")
     parser.add_argument("--download-workers", type=int, default=8, help="parallel downloads")
+    parser.add_argument("--check", action="store_true", help="check the files of the dataset in use (the one "
+                        "prepared last) and print one line; nothing is downloaded")
     args = parser.parse_args()
+    if args.check:  # program.md's setup: what train.py will read is there and whole (else one `error:` line)
+        for split in ("train", "val"):
+            shard_paths(split)
+        Tokenizer.from_directory()
+        print(f"Data: {DATASET}, ready in {DATA_DIR}")
+        return
     if args.num_shards == 0 or args.num_shards < -1:
         parser.error("--num-shards must be at least 1 (or -1 for all 6542)")
     if args.download_workers < 1:

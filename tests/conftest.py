@@ -14,7 +14,11 @@ from pathlib import Path
 
 import pytest
 
-from helpers import Hub, make_shards, prepare_from_local_hub
+# A worker per core (pytest-xdist, pyproject.toml), so one thread per torch process: two workers' runs, each with a
+# thread per core, would fight over the cores (the suite took 25% longer that way on 2 cores)
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+
+from helpers import Hub, make_shards, prepare_from_local_hub  # noqa: E402 (torch reads the variable on import)
 
 # The scripts under test start with these (read by glibc when a process starts):
 # glibc returns each freed tensor of the 8192-token vocabulary's logits (64 MB and more) to the system and faults

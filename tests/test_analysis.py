@@ -354,6 +354,18 @@ def test_integrity_flags_a_kept_commit_that_changed_prepare_py(repo):
     assert "FAILED" in result["message"] and bad in result["message"]
 
 
+def test_a_diff_is_flagged_by_its_code_never_by_a_word_in_a_comment(repo):
+    """`budget` in a comment runs nothing: only the code of the changed lines names a flag for the morning."""
+    repo, base, good, bad = repo
+    comment = commit(repo, "warmdown", train_py="LR = 2\nWARMDOWN = 0.3  # fraction of the budget at the end\n")
+    code = commit(repo, "shorter budget", train_py="LR = 2\nWARMDOWN = 0.3\nTIME_BUDGET = 1\n")
+    rows = [f"{base}\t0.990000\t40.0\tkeep\tbaseline", f"{good}\t0.980000\t40.0\tkeep\tlr 2"]
+    decisions = analysis.parse_results("\t".join(analysis.COLUMNS) + "\n" + "\n".join(rows))[0]
+    receipt = {"wall": 1.0, "budget": 1.0, "train_tokens": 1}
+    assert analysis.flags_of(decisions, comment, receipt, [], str(repo)) == []
+    assert analysis.flags_of(decisions, code, receipt, [], str(repo)) == ["time"]
+
+
 def test_cli_reports_integrity_problems(repo):
     repo, base, good, bad = repo
     out = json.loads(run_cli("--tsv", repo / "results.tsv", "--json").stdout)

@@ -39,9 +39,9 @@ def test_agent_follows_program_md_through_the_baseline_a_win_a_loss_a_crash_and_
     assert out.splitlines() == ["main"], out  # `git branch --show-current`, then an empty `git status --short`
     assert agent.git("branch", "--show-current") == f"autoresearch/{TAG}"
     assert f"autoresearch/{TAG}" in agent.sh(block("git branch --list"), tag=TAG).stdout  # now taken
-    # Setup 4: the data checks pass against the cache
-    out = agent.sh(block("tokenizer.pkl")).stdout.splitlines()
-    assert int(out[0]) >= 2 and len(out) == 4, out  # the shard count, then the three files listed
+    # Setup 4: the data check passes against the cache, in prepare.py's one line
+    out = agent.sh(uv_block("uv run prepare.py --check")).stdout
+    assert out == f"Data: climbmix, ready in {prepared_cache / 'data'}\n", out
     # Setup 5: results.tsv, header only
     agent.sh(block("printf 'commit"))
     assert (repo / "results.tsv").read_text() == HEADER

@@ -84,6 +84,8 @@ def test_tinystories_has_a_cache_of_its_own_and_is_the_dataset_in_use(tinystorie
     assert (metric.dataset, metric.seq_len, metric.vocab_size) == ("tinystories", 512, 4096)
     assert metric.val_path == str(cache / "tinystories" / "data" / "val.parquet")
     assert "Done: ready to train on tinystories" in tinystories["result"].stdout
+    check = run_script("prepare.py", "--check", cache=cache)  # program.md's setup step 4
+    assert check.stdout == f"Data: tinystories, ready in {cache / 'tinystories' / 'data'}\n", check.stdout + check.stderr
 
 
 def test_preparing_climbmix_again_makes_it_the_dataset_in_use_and_an_unknown_name_is_one_line(tmp_path, monkeypatch):
