@@ -118,7 +118,11 @@ def gated_mlp(wt):
          "        return self.c_proj(F.relu(self.c_fc(x)).square())",
          "        self.c_proj = nn.Linear(4 * config.n_embd, config.n_embd, bias=False)\n"
          "        self.c_gate = nn.Linear(config.n_embd, 4 * config.n_embd, bias=False)\n\n    def forward(self, x):\n"
-         "        return self.c_proj(F.relu(self.c_fc(x)).square() * torch.sigmoid(self.c_gate(x)))")
+         "        return self.c_proj(F.relu(self.c_fc(x)).square() * torch.sigmoid(self.c_gate(x)))",
+         # initialised as init_weights initialises every parameter: the model is built, then moved with to_empty
+         # (uninitialised memory, NaN at times), then init_weights fills each parameter it names
+         "            nn.init.zeros_(block.mlp.c_proj.weight)\n",
+         "            nn.init.zeros_(block.mlp.c_proj.weight)\n            nn.init.zeros_(block.mlp.c_gate.weight)\n")
 
 
 def half_the_micro_batch(wt):
@@ -227,7 +231,7 @@ def test_every_shortcut_has_no_effect_is_refused_or_is_named_and_honest_edits_ar
             assert row.flags.split(",") == flags and line.endswith(f"; flagged for the morning: "
                                                                   f"{analysis.flag_text(flags)}"), (name, line)
         if expected == "honest":
-            assert row.flags == "" and "flagged" not in line, (name, line)
+            assert row.verdict != "crash" and row.flags == "" and "flagged" not in line, (name, line)
 
     # Honest edits and the shortcuts that had no effect are judged as without the checks: the accepted runs replayed
     # through record() with no receipt, in order, give the same verdicts (less the flags that name what a diff touched)
