@@ -557,6 +557,16 @@ def test_many_runs_recorded_at_once_all_land_whole(tmp_path):
     assert tsv.read_text().count("commit\tval_bpb") == 1
 
 
+def test_a_verdict_names_the_bests_estimate_beside_its_runs_mean():
+    """tests/data/results_tinystories_cpu_night.tsv, a real night: after a keep on one lucky run, the best's value a
+    verdict compares with is the night's estimate, which differs from the mean of its runs; the line says so."""
+    df = analysis.load_results(ROOT / "tests" / "data" / "results_tinystories_cpu_night.tsv")[0]
+    rows = df.iloc[:df.index[df["commit"] == "b9ac22f"][0] + 1]
+    line = analysis.judge(rows, "b9ac22f").line
+    assert " vs best 07626b6 0.217707 estimated (its runs 0.182711: a kept run carries its luck): " in line, line
+    assert analysis.judge(df.iloc[:5], "f990976").line.startswith("keep: baseline f990976 0.350318 (4 seeds)")
+
+
 def test_the_committed_real_night_is_judged_again_as_it_was():
     """tests/data/results_real_run.tsv, a real night on a CPU: every decision run, judged again by today's rule on
     the rows before it (its own rows undecided, as they were when it was recorded), gets the verdict it got then."""
