@@ -212,6 +212,15 @@ def shard_paths(split):
     return paths
 
 
+def check_data():
+    """The tokenizer, once the files train.py reads are checked (tokenizer, training shards, validation shard): a
+    missing or broken one fails here, in one line naming the command that fixes it, before anything is built."""
+    tokenizer = Tokenizer.from_directory()
+    for split in ("train", "val"):
+        shard_paths(split)
+    return tokenizer
+
+
 def prepare_command(name=None):
     """The command that prepares a dataset (the one in use by default), for the messages that name it."""
     return "uv run prepare.py" + ("" if (name or DATASET) == "climbmix" else f" --dataset {name or DATASET}")
@@ -1049,9 +1058,7 @@ def main():
                         "prepared last) and print one line; nothing is downloaded")
     args = parser.parse_args()
     if args.check:  # program.md's setup: what train.py will read is there and whole (else one `error:` line)
-        for split in ("train", "val"):
-            shard_paths(split)
-        Tokenizer.from_directory()
+        check_data()
         print(f"Data: {DATASET}, ready in {DATA_DIR}")
         return
     if args.num_shards == 0 or args.num_shards < -1:

@@ -19,8 +19,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.nn.attention.flex_attention import create_block_mask, flex_attention
 
-from prepare import (DATASET, GPU_PEAK_FLOPS, MAX_SEQ_LEN, Tokenizer, cuda_step_fits, eval_tokens, evaluate_bpb,
-                     load_flash_attention_3, make_dataloader, shard_paths, time_budget)
+from prepare import (DATASET, GPU_PEAK_FLOPS, MAX_SEQ_LEN, check_data, cuda_step_fits, eval_tokens, evaluate_bpb,
+                     load_flash_attention_3, make_dataloader, time_budget)
 
 # The device is decided once, here: cuda -> mps -> cpu
 DEVICE_TYPE = "cuda" if torch.cuda.is_available() else "mps" if torch.backends.mps.is_available() else "cpu"
@@ -494,9 +494,7 @@ def main():
     if not seed.lstrip("-").isdigit():
         raise SystemExit(f"error: AUTORESEARCH_SEED={seed!r} must be an integer (unset it to use SEED = {SEED})")
     seed = int(seed)
-    # a missing or broken tokenizer or shard fails here, before anything is built, not after training
-    tokenizer = Tokenizer.from_directory()
-    shard_paths("train"), shard_paths("val")
+    tokenizer = check_data()  # a missing or broken tokenizer or shard fails here, not after training
     torch.set_float32_matmul_precision("high")
     autocast = torch.autocast(device_type="cuda", dtype=torch.bfloat16) if DEVICE_TYPE == "cuda" else nullcontext()
     ATTN_BACKEND, fa3, attn_note = load_attention_backend()

@@ -65,8 +65,8 @@ def start_prepare(cache, hub):
 
 
 def startup_check(cache):
-    """`python train.py` on a broken cache: its start-up checks (Tokenizer.from_directory, shard_paths("train"),
-    shard_paths("val")) must stop it before it builds a model. On a good cache it would train: TIMEOUT bounds it."""
+    """`python train.py` on a broken cache: its start-up check (prepare.check_data: the tokenizer, the training
+    shards, the validation shard) must stop it before it builds a model. On a good cache it would train: TIMEOUT bounds it."""
     return run_script("train.py", cache=cache, timeout=TIMEOUT)
 
 

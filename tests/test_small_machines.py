@@ -23,8 +23,8 @@ import torch
 
 import prepare
 import train
-from helpers import (EVAL_TOKENS, HUB_PATH, TIME_BUDGET, FaultHub, Hub, agent_env, make_documents, make_repo, python,
-                     run_script, write_shard)
+from helpers import (EVAL_TOKENS, HUB_PATH, TIME_BUDGET, FaultHub, Hub, agent_env, cache_digest, make_documents,
+                     make_repo, python, run_script, write_shard)
 
 TS_PATH = "datasets/karpathy/tinystories-gpt4-clean/resolve/main/tinystories_gpt4_clean.parquet"  # under HF_ENDPOINT
 TS_FILE = TS_PATH.rsplit("/", 1)[1]
@@ -38,11 +38,6 @@ def story_rows():
         make_documents(1, 1500)
 
 
-def files_digest(directory):
-    return {p.relative_to(directory): hashlib.sha256(p.read_bytes()).hexdigest()
-            for p in sorted(directory.rglob("*")) if p.is_file()}
-
-
 @pytest.fixture(scope="module")
 def tinystories(prepared_cache, tmp_path_factory):
     """The real `python prepare.py --dataset tinystories` against a local hub, on a copy of a prepared ClimbMix cache:
@@ -53,7 +48,7 @@ def tinystories(prepared_cache, tmp_path_factory):
     try:
         write_shard(hub.root / TS_PATH, rows, row_group_size=3000)
         cache = shutil.copytree(prepared_cache, root / "cache")
-        climbmix = files_digest(cache)
+        climbmix = cache_digest(cache)
         result = run_script("prepare.py", "--dataset", "tinystories", cache=cache, endpoint=hub.url)
     finally:
         hub.close()
@@ -74,7 +69,7 @@ def test_tinystories_has_a_cache_of_its_own_and_is_the_dataset_in_use(tinystorie
     """ClimbMix's files stay byte for byte; the tokenizer (4,096 tokens) learned from the training rows only; the
     cache root names the dataset prepared last."""
     cache = tinystories["cache"]
-    assert {p: h for p, h in files_digest(cache).items() if p.parts[0] in ("data", "tokenizer")} == \
+    assert {p: h for p, h in cache_digest(cache).items() if p.split("/")[0] in ("data", "tokenizer")} == \
         tinystories["climbmix"]
     tokenizer = prepare.Tokenizer.from_directory(str(cache / "tinystories" / "tokenizer"), 4096)
     assert tokenizer.get_vocab_size() == 4096
@@ -85,7 +80,7 @@ def test_tinystories_has_a_cache_of_its_own_and_is_the_dataset_in_use(tinystorie
     assert metric.val_path == str(cache / "tinystories" / "data" / "val.parquet")
     assert "Done: ready to train on tinystories" in tinystories["result"].stdout
     check = run_script("prepare.py", "--check", cache=cache)  # program.md's setup step 4
-    assert check.stdout == f"Data: tinystories, ready in {cache / 'tinystories' / 'data'}\n", check.stdout + check.stderr
+    assert check.stdout == f"Data: tinystories, ready in {cache / 'tinystories' / 'data'}\n", check.stderr
 
 
 def test_preparing_climbmix_again_makes_it_the_dataset_in_use_and_an_unknown_name_is_one_line(tmp_path, monkeypatch):
