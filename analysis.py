@@ -7,13 +7,11 @@ Usage:
     uv run analysis.py confirm                                 # the next confirmation run, or the confirmed gain
     uv run analysis.py mark --status discard                   # the simplicity criterion, by hand (or --status keep)
     uv run analysis.py status                                  # where the loop stands, and the next command
-    uv run analysis.py digest                                  # what the night tried, in at most 80 lines
-    uv run analysis.py [--json] [--plot progress.png]          # the report: counts, noise, kept changes, best, gain
+    uv run analysis.py [--json] [--plot progress.png]          # the night in a page: noise, best, kept, what was tried
 
 A verdict is one line that starts with what to do: `keep`, `discard`, `rerun with seed N`, `crash` or `refused`.
 The rule is judge.py's (docs/judging.md); this file finds the runs it weighs, only like with like, and checks each
 run before it counts (docs/reliability.md). Older and messy files load with a warning per bad line.
-analysis.ipynb imports the functions below.
 """
 
 import argparse
@@ -42,7 +40,7 @@ EXTRA = ["seed", "num_steps", "attention", "device", "init_fingerprint", "verdic
          "training_seconds", "total_seconds", "rule", "flags", "receipt", "train_py"]
 HEADER = COLUMNS + EXTRA  # older files stop after `receipt` (18 columns), `eval_tokens` (13), `verdict` (11) or
                           # `description` (5); train_py is the git blob of the train.py that ran
-FROM_SUMMARY = [k for k in EXTRA if k not in ("verdict", "rule", "flags", "receipt", "train_py")]  # from the summary
+FROM_SUMMARY = EXTRA[:5] + EXTRA[6:10]  # the fields a run's summary gives
 MATCHED = ("device", "attention", "time_budget", "eval_tokens")  # runs are compared only when these agree
 STATUSES = ("keep", "discard", "crash", "pending")  # pending: a rerun is owed before the commit is decided
 EDITABLE = "train.py"  # the one file that may differ from the baseline's commit
@@ -53,10 +51,9 @@ HELDOUT_SHARE = 0.5           # the gain holds on the held-out part when at leas
 STEP_TOLERANCE = 0.05         # runs of one commit agree in speed when within 5% of their median num_steps
 VERDICT_CHARS = 300           # a verdict line longer than this keeps its decision and leaves the notes to `judge`
 IMPLAUSIBLE_FLOORS = 10       # a gain this many noise floors from one edit is checked by a person in the morning
-COSTS = ("steps", "tokens_M", "training_seconds", "total_seconds")  # what a run spent, for the morning's review
 NUDGE_AFTER = 10              # discards in a row before a verdict says to try something structurally different: at
                               # the decision benchmark's keep rate (16%) a streak this long follows one keep in six
-DIGEST_LINES = 80             # the digest's length, however long the night
+REPORT_LINES = 80             # the report's length, however long the night (warnings aside)
 
 # -----------------------------------------------------------------------------
 # Loading
@@ -67,7 +64,6 @@ def _int_or_none(text):
 
 
 def _finite(text):
-    """float(text) when it is a finite number, else None."""
     try:
         x = float(text)
     except ValueError:
@@ -93,12 +89,11 @@ def load_results(path):
 
 def parse_results(text):
     """load_results on the text of a results.tsv; `line` counts the lines of `text` from 1, the BOM removed."""
-    warnings, rows = [], []
-    width = None  # fields per row, from the header: 5, 11, 13 or 18
+    warnings, rows, width = [], [], None  # width: fields per row, from the header: 5, 11, 13, 18 or 19
     for lineno, line in enumerate(text.lstrip("\ufeff").splitlines(), start=1):
+        fields = [f.strip() for f in line.split("\t")]
         if not line.strip():
             continue
-        fields = [f.strip() for f in line.split("\t")]
         if _is_header([f.lower() for f in fields]):
             if width is not None or rows:
                 warnings.append(f"line {lineno}: repeated header; skipped")
@@ -113,22 +108,19 @@ def parse_results(text):
                             "skipped")
             continue
         row = dict(zip(HEADER, fields + [""] * (len(HEADER) - len(fields))), line=lineno)
-        val_bpb = _finite(row["val_bpb"])
+        val_bpb, memory_gb, status = _finite(row["val_bpb"]), _finite(row["memory_gb"]), row["status"].lower()
         if val_bpb is None:
             warnings.append(f"line {lineno}: val_bpb {row['val_bpb']!r} is not a number; skipped")
             continue
-        try:
-            memory_gb = float(row["memory_gb"])
-        except ValueError:
+        if memory_gb is None:
             warnings.append(f"line {lineno}: memory_gb {row['memory_gb']!r} is not a number; read as missing")
-            memory_gb = float("nan")
-        status = row["status"].lower()
         if status not in STATUSES:
             warnings.append(f"line {lineno}: unknown status {status!r} (expected keep, discard, crash or pending)")
         elif status == "keep" and val_bpb <= 0:
             warnings.append(f"line {lineno}: status keep but val_bpb is {val_bpb}; not counted as a result")
-        rows.append(dict(row, val_bpb=val_bpb, memory_gb=memory_gb, status=status, verdict=row["verdict"].lower(),
-                         seed=_int_or_none(row["seed"]), num_steps=_int_or_none(row["num_steps"])))
+        rows.append(dict(row, val_bpb=val_bpb, memory_gb=float("nan") if memory_gb is None else memory_gb,
+                         status=status, verdict=row["verdict"].lower(), seed=_int_or_none(row["seed"]),
+                         num_steps=_int_or_none(row["num_steps"])))
     df = pd.DataFrame(rows, columns=HEADER + ["line"], dtype=object)  # text fields are str, seeds int or None
     return df.astype({"val_bpb": float, "memory_gb": float, "line": int}), warnings
 
@@ -205,8 +197,7 @@ def same_init(fingerprints, commit, base, seeds):
 
 def walk(values, kept, fingerprints):
     """The night through judge.py, commit by commit, the first the baseline: ({commit: (the night before it, its
-    comparison with the best then)}, the night after the last). (None, None) while the baseline has fewer than two
-    seeds: no noise is measured."""
+    comparison with the best then)}, the night after the last); (None, None) while the baseline has one seed."""
     commits = list(values)
     base = values[commits[0]]
     if len(base) < 2:
@@ -286,29 +277,35 @@ def _speed_notes(n, commit, best):
     return []
 
 
+def _mean(values):
+    return float(np.mean(list(values.values())))
+
+
 def judge(df, commit=None, rule="noise"):
     """The Verdict for `commit` (default: the commit of the last decision row) from everything in results.tsv."""
     df = _decisions(df)
-    if df.empty:
-        return Verdict("refused", "discard", "refused: results.tsv has no runs yet")
-    commit = commit or df["commit"].iloc[-1]
+    commit = commit or (df["commit"].iloc[-1] if len(df) else None)
     mine = df[df["commit"] == commit]
     if mine.empty:
-        return Verdict("refused", "discard", f"refused: commit {commit} has no row in results.tsv")
+        return Verdict("refused", "discard", f"refused: commit {commit} has no row in results.tsv" if commit else
+                       "refused: results.tsv has no runs yet")
     last, valid = mine.iloc[-1], _results(mine)
     status = ("keep" if (valid["status"] == "keep").any() else "discard") if len(valid) else "crash"
+    seed = _int_or_none(str(last["seed"]))
+
+    def refused(why, **more):
+        return Verdict("refused", status, f"refused: {why}", **more)
+
     if last["val_bpb"] <= 0:
         return Verdict("crash", status, f"crash: {commit} has no val_bpb (the run crashed or was killed); read "
                                         "`tail -n 50 run.log`")
-    seed = _int_or_none(str(last["seed"]))
     n = the_night(df)
     if n is None:
-        return Verdict("refused", status, "refused: no run of this night counts yet (every one was refused)")
+        return refused("no run of this night counts yet (every one was refused)")
     keys = _differs(last, n["like"])
     if keys:
-        return Verdict("refused", status, f"refused: this run used {_describe(last, keys)}, the baseline "
-                                          f"{_describe(n['like'], keys)}; not comparable: fix that and rerun with "
-                                          f"seed {seed}", seed=seed)
+        return refused(f"this run used {_describe(last, keys)}, the baseline {_describe(n['like'], keys)}; not "
+                       f"comparable: fix that and rerun with seed {seed}", seed=seed)
     baseline = df["commit"].iloc[0]
     left_out = [n["left_out"][r] for r in mine["line"] if r in n["left_out"]]
     if commit == baseline:
@@ -320,7 +317,7 @@ def judge(df, commit=None, rule="noise"):
             return Verdict("rerun", "keep", _line(head, left_out[-1:] + _speed_notes(n, commit, commit)),
                            seed=missing[0], evidence=left_out)
         nz = noise_of(walk({commit: have}, set(), n["fingerprints"])[1])
-        head = f"keep: baseline {commit} {np.mean(list(have.values())):.6f} ({_plural(len(have), 'seed')})" + (
+        head = f"keep: baseline {commit} {_mean(have):.6f} ({_plural(len(have), 'seed')})" + (
             f", noise floor {nz['floor']:.6f} (sigma {nz['sigma']:.6f}, {nz['dof']} dof)" if nz["floor"] else "")
         return Verdict("keep", "keep", _line(head, _speed_notes(n, commit, commit) + left_out), evidence=left_out,
                        floor=nz["floor"])
@@ -329,54 +326,46 @@ def judge(df, commit=None, rule="noise"):
     if best is None:
         return Verdict("refused", "discard", "refused: no kept result to compare with (the baseline has not run)")
     if valid.empty:
-        return Verdict("refused", status, f"refused: no run of {commit} counts yet (each was refused); rerun it with "
-                                          f"seed {seed}", seed=seed)
+        return refused(f"no run of {commit} counts yet (each was refused); rerun it with seed {seed}", seed=seed)
     flags = flag_text(row_flags(mine))
     flagged = [f"flagged for the morning: {flags}"] if flags else []
     if rule == "plain":  # the reference: one run, strictly lower than the best
-        best_bpb = float(np.mean(list(n["values"][best].values())))
-        v = float(valid["val_bpb"].iloc[0])
+        best_bpb, v = _mean(n["values"][best]), float(valid["val_bpb"].iloc[0])
         verdict = "keep" if v < best_bpb else "discard"
-        better = "better" if v < best_bpb else "not better"
-        head = (f"{verdict}: {commit} {v:.6f} vs best {best} {best_bpb:.6f} ({better} by {abs(v - best_bpb):.6f}; "
-                "plain rule: keep only if strictly lower)")
+        head = (f"{verdict}: {commit} {v:.6f} vs best {best} {best_bpb:.6f} ({'better' if v < best_bpb else 'not better'}"
+                f" by {abs(v - best_bpb):.6f}; plain rule: keep only if strictly lower)")
         return Verdict(verdict, verdict, _line(head, flagged), best=best, diff=best_bpb - v)
     cand = n["values"].get(commit, {})
     if n["night"] is None:
-        return Verdict("refused", status, f"refused: no noise measured yet; rerun the baseline {baseline} under "
-                                          f"seeds {', '.join(map(str, BASELINE_SEEDS))} first")
+        return refused(f"no noise measured yet; rerun the baseline {baseline} under seeds "
+                       f"{', '.join(map(str, BASELINE_SEEDS))} first")
     if n["noise"]["sigma"] == 0:  # a z over a zero error would be infinite: say what is wrong instead
-        return Verdict("refused", status, "refused: every commit's runs under different seeds scored exactly the "
-                                          "same, so the seed does not reach the initial weights (check "
-                                          "AUTORESEARCH_SEED and SEED in train.py); nothing can be judged")
+        return refused("every commit's runs under different seeds scored exactly the same, so the seed does not reach "
+                       "the initial weights (check AUTORESEARCH_SEED and SEED in train.py); nothing can be judged")
     if not cand:
         return Verdict("rerun", "pending", _line(f"rerun with seed {seed}: every run of {commit} was left out",
                                                  left_out), seed=seed, evidence=left_out)
     night, c = n["seen"][commit]
-    z, dof, diff = float(c.z[0]), float(c.dof[0]), float(c.diff[0])
+    z, dof, diff, floor = float(c.z[0]), float(c.dof[0]), float(c.diff[0]), float(night.floor[0])
     verdict = str(rule_.decide(night, rule_.Runs.of(cand), c)[0])
-    floor = float(night.floor[0])
-    keep_one = float(rule_.bar(rule_.KEEP_ONE, dof))
-    discard_one = float(rule_.bar(rule_.DISCARD_ONE, dof))
-    keep_two = float(rule_.bar(rule_.KEEP_TWO, dof))
+    keep_one, discard_one, keep_two = (float(rule_.bar(b, dof)) for b in (rule_.KEEP_ONE, rule_.DISCARD_ONE,
+                                                                           rule_.KEEP_TWO))
     one_run = len(cand) == 1
-    keep_at = keep_one if one_run else keep_two
-    bars = f"keep at >= {keep_at:.2f}" + (f", discard at <= {discard_one:.2f}" if one_run else "")
+    bars = f"keep at >= {keep_one if one_run else keep_two:.2f}" + (f", discard at <= {discard_one:.2f}" * one_run)
     next_seed = next((s for s in SEEDS if s not in cand), None)
     action = verdict
     if status == "keep":  # kept already (by hand, with mark): it stays kept
         verdict = action = "keep"
         bars = "kept by hand"
     elif verdict == "rerun":
-        action = f"rerun with seed {next_seed}: " + (
-            "undecided" if z < keep_at else f"promising, but nothing is kept on one run before sigma has "
-                                            f"{rule_.ONE_RUN_KEEP_DOF} dof ({night.dof[0]:g} so far)")
-    runs_mean = float(np.mean(list(n["values"][best].values())))
+        action = f"rerun with seed {next_seed}: " + ("undecided" if z < keep_one else "promising, but nothing is kept "
+                                                     f"on one run before sigma has {rule_.ONE_RUN_KEEP_DOF} dof "
+                                                     f"({night.dof[0]:g} so far)")
+    runs_mean = _mean(n["values"][best])
     shown = " seed for seed" if c.paired[0] else "" if abs(c.shown[0] - runs_mean) < 5e-7 else \
         f" estimated (its runs {runs_mean:.6f}: a kept run carries its luck)"
-    head = (f"{action}: {commit} {np.mean(list(cand.values())):.6f} ({_plural(len(cand), 'seed')}) vs best {best} "
-            f"{c.shown[0]:.6f}{shown}: "
-            f"{'better' if diff > 0 else 'worse' if diff < 0 else 'equal'} by {abs(diff):.6f} = "
+    head = (f"{action}: {commit} {_mean(cand):.6f} ({_plural(len(cand), 'seed')}) vs best {best} {c.shown[0]:.6f}"
+            f"{shown}: {'better' if diff > 0 else 'worse' if diff < 0 else 'equal'} by {abs(diff):.6f} = "
             f"{abs(diff) / floor:.1f} noise floors, z {z:+.2f} ({bars})")
     notes = [f"{_plural(len(left_out), 'run')} left out (other step counts)"] * bool(left_out)
     notes += _speed_notes(n, commit, best)
@@ -413,9 +402,7 @@ def confirmation(df):
     is still to run (todo) and, once every run is in, the gain with its 95% interval (ci), confirmed when it is above
     zero, and the held-out part's gain. The noise is the night's, seed for seed where that is the tighter test."""
     results = _results(df)
-    if results.empty:
-        return None
-    baseline, best = results["commit"].iloc[0], best_commit(df)
+    baseline, best = (results["commit"].iloc[0] if len(results) else None), best_commit(df)
     if best is None or best == baseline:
         return None
     like = night_conditions(df)
@@ -434,57 +421,47 @@ def confirmation(df):
     night = the_night(df)["night"]
     if todo or night is None:
         return out
-    k = len(CONFIRM_SEEDS)
-    paired = same_init(prints, best, baseline, CONFIRM_SEEDS) and bool(night.on[0]) and \
-        night.paired_dof[0] >= rule_.PAIRED_MIN_DOF
+    k, t = len(CONFIRM_SEEDS), rule_.t_interval
     se_u, se_p = float(night.sigma[0]) * math.sqrt(2 / k), math.sqrt(2 * float(night.tau2[0]) / k)
-    paired &= se_p * rule_.t_interval(0.9, night.paired_dof[0]) < se_u * rule_.t_interval(0.9, night.dof[0])
+    paired = (same_init(prints, best, baseline, CONFIRM_SEEDS) and bool(night.on[0])
+              and night.paired_dof[0] >= rule_.PAIRED_MIN_DOF
+              and se_p * t(0.9, night.paired_dof[0]) < se_u * t(0.9, night.dof[0]))
     se, dof = (se_p, int(night.paired_dof[0])) if paired else (se_u, int(night.dof[0]))
-    half = float(rule_.t_interval(0.95, dof)) * se
-
-    def gain(values):
-        return float(np.mean(list(values[baseline].values())) - np.mean(list(values[best].values())))
-
-    g = gain(got)
+    half = float(t(0.95, dof)) * se
+    g = _mean(got[baseline]) - _mean(got[best])
     out.update(gain=g, se=se, dof=dof, paired=bool(paired), ci=[g - half, g + half], confirmed=g - half > 0,
                floor=noise_of(night)["floor"], heldout_gain=None)
     if all(set(held[c]) == set(got[c]) for c in held):  # every run scored the held-out part too
-        h = gain(held)
+        h = _mean(held[baseline]) - _mean(held[best])
         out.update(heldout_gain=h, heldout_ci=[h - half, h + half], heldout_holds=g <= 0 or h >= HELDOUT_SHARE * g)
     return out
 
 
-def gain_text(conf):
-    """The confirmed gain in words: whether it is one (its interval above zero), and whether it holds held out."""
-    lo, hi = conf["ci"]
-    floors = f" = {conf['gain'] / conf['floor']:.1f} noise floors" if conf.get("floor") else ""
-    why = "" if conf["confirmed"] else ": the 95% interval includes zero or less, so the night's gain may be noise"
-    text = (f"{'confirmed' if conf['confirmed'] else 'not confirmed'}: best {conf['best']} vs baseline "
-            f"{conf['baseline']}: gain {conf['gain']:+.6f}{floors} (95% interval {lo:+.6f} to {hi:+.6f}; "
-            f"{'seed for seed' if conf['paired'] else 'unpaired'}, {conf['dof']} dof, seeds "
-            f"{', '.join(map(str, conf['seeds']))}){why}")
-    if conf.get("heldout_gain") is not None:
+def confirmation_line(conf):
+    """The one line `confirm` and `record --confirm` print: what to run next, or the gain in words: whether it is one
+    (its interval above zero), and whether it holds on the held-out part."""
+    if conf is None:
+        return "nothing to confirm: no change has been kept, so the best is the baseline"
+    if conf["todo"]:
+        commit, seed = conf["todo"][0]
+        return (f"run {commit} with seed {seed}: confirmation {conf['done'] + 1} of {conf['needed']} (the "
+                f"{'baseline' if commit == conf['baseline'] else 'best'}; baseline {conf['baseline']} and best "
+                f"{conf['best']} under seeds {', '.join(map(str, conf['seeds']))}, which no decision used)")
+    if conf["gain"] is None:
+        return "not confirmed: no noise measured (the baseline ran under one seed)"
+    (lo, hi), ok = conf["ci"], conf["confirmed"]
+    text = (f"{'confirmed' if ok else 'not confirmed'}: best {conf['best']} vs baseline {conf['baseline']}: gain "
+            f"{conf['gain']:+.6f}" + (f" = {conf['gain'] / conf['floor']:.1f} noise floors" if conf["floor"] else "")
+            + f" (95% interval {lo:+.6f} to {hi:+.6f}; {'seed for seed' if conf['paired'] else 'unpaired'}, "
+            f"{conf['dof']} dof, seeds {', '.join(map(str, conf['seeds']))})"
+            + ("" if ok else ": the 95% interval includes zero or less, so the night's gain may be noise"))
+    if conf["heldout_gain"] is not None:
         lo, hi = conf["heldout_ci"]
         text += f"; on the held-out part {conf['heldout_gain']:+.6f} (95% interval {lo:+.6f} to {hi:+.6f})"
         if not conf["heldout_holds"]:
             text += (f": the gain does not hold there (less than {HELDOUT_SHARE:.0%} of it): the night may have "
                      "fitted the validation set")
     return text
-
-
-def confirmation_line(conf):
-    """The one line `confirm` and `record --confirm` print: what to run next, or the gain."""
-    if conf is None:
-        return "nothing to confirm: no change has been kept, so the best is the baseline"
-    if conf["todo"]:
-        commit, seed = conf["todo"][0]
-        role = "baseline" if commit == conf["baseline"] else "best"
-        return (f"run {commit} with seed {seed}: confirmation {conf['done'] + 1} of {conf['needed']} (the {role}; "
-                f"baseline {conf['baseline']} and best {conf['best']} under seeds {', '.join(map(str, conf['seeds']))}"
-                ", which no decision used)")
-    if conf["gain"] is None:
-        return "not confirmed: no noise measured (the baseline ran under one seed)"
-    return gain_text(conf)
 
 
 # -----------------------------------------------------------------------------
@@ -516,7 +493,7 @@ DIFF_FLAGS = {
 REFUSALS = {"dirty": "with uncommitted changes", "git": "outside the night's repository",
             "files": "changing a file other than train.py", "seed": "under a seed no verdict asked for",
             "receipt": "without one receipt of evaluate_bpb", "summary": "whose summary differs from the receipt",
-            "causal": "of a model that sees later tokens", "val": "reading the validation split",
+            "causal": "of a model that sees later tokens", "again": "repeating an experiment judged already", "val": "reading the validation split",
             "stale": "of an old or repeated log", "baseline": "scored on other terms than the baseline"}
 # Named from the receipt: seconds from the first training batch to evaluation, past the budget, above twice the
 # baseline's plus 10% of the budget (at least 10 s); or no batch from make_dataloader at all
@@ -525,6 +502,19 @@ RUN_FLAGS = {"wall": "more wall clock from first batch to evaluation than the ba
 # A log collected with `sky logs` (skypilot.yaml) has SkyPilot's prefix on every line of the job's output,
 # "(autoresearch, pid=4242) val_bpb: ...", in color on some clusters; it is not part of what train.py printed.
 SKYPILOT_PREFIX = re.compile(r"^(?:\x1b\[[0-9;]*m)*\([^()\n]*\bpid=\d+[^()\n]*\)(?:\x1b\[[0-9;]*m)* ?", re.M)
+
+
+def _git(repo_dir, *args):
+    return subprocess.run(["git", "-C", repo_dir, *args], capture_output=True, text=True)
+
+
+def _git_lines(repo_dir, *args):
+    """git's output lines in `repo_dir`, or None when git fails (no git, no repository, an unknown commit)."""
+    try:
+        r = _git(repo_dir, *args)
+    except OSError:
+        return None
+    return r.stdout.splitlines() if r.returncode == 0 else None
 
 
 def parse_receipts(text):
@@ -824,46 +814,48 @@ def _replace(tsv, lines):
 
 
 # -----------------------------------------------------------------------------
-# Summary
+# The report: the night in a page, for the person in the morning and for an agent choosing its next idea
 
 
 def experiments(df, night=None):
     """One row per commit in order of first appearance (confirmation runs left out), the baseline number 0; its
-    val_bpb is the mean over its seeds of the runs the judge counts."""
-    left_out = (night or the_night(df) or {"left_out": {}})["left_out"]
+    val_bpb is the mean over its seeds of the runs the judge counts; steps (median) and tokens_M (mean, millions)
+    what a run of it spent; floors its gain over the best before it, as its verdict measured it."""
+    n = night or the_night(df) or {"left_out": {}, "seen": {}}
     commits = {}
     for r in _decisions(df).to_dict("records"):
         commits.setdefault(r["commit"], []).append(r)
     rows = []
     for i, (commit, g) in enumerate(commits.items()):
-        runs = [r for r in g if r["val_bpb"] > 0 and r["verdict"] != "refused" and r["line"] not in left_out]
+        runs = [r for r in g if r["val_bpb"] > 0 and r["verdict"] != "refused" and r["line"] not in n["left_out"]]
         per_seed = {}
         for r in runs:
             per_seed.setdefault(r["seed"] if r["seed"] is not None else f"line {r['line']}", []).append(r["val_bpb"])
         memory = [r["memory_gb"] for r in g if not math.isnan(r["memory_gb"])]
+        steps = [r["num_steps"] for r in runs if r["num_steps"] is not None]
+        tokens = [int(f["train_tokens"]) / 1e6 for f in map(parse_receipt_field, (r["receipt"] for r in runs))
+                  if "train_tokens" in f]
+        night, c = n["seen"].get(commit, (None, None))
         rows.append({"experiment": i, "commit": commit, "status": (runs or g)[-1]["status"],
                      "val_bpb": float(np.mean([np.mean(v) for v in per_seed.values()])) if runs else 0.0,
                      "memory_gb": max(memory) if memory else float("nan"), "runs": len(runs),
-                     "seeds": [int(r["seed"]) for r in runs if r["seed"] is not None],
-                     "description": g[0]["description"], **_run_costs(runs),
-                     "rule": runs[-1]["rule"] if runs else "", "flags": row_flags(g),
-                     "refused": sum(r["verdict"] == "refused" for r in g)})
+                     "seeds": [int(r["seed"]) for r in runs if r["seed"] is not None], "description": g[0]["description"],
+                     "steps": statistics.median(steps) if steps else None,
+                     "tokens_M": sum(tokens) / len(tokens) if tokens else None, "rule": runs[-1]["rule"] if runs else "",
+                     "flags": row_flags(g), "refused": sum(r["verdict"] == "refused" for r in g),
+                     "gain": float(c.diff[0]) if c is not None else None,
+                     "floors": float(c.diff[0] / night.floor[0]) if c is not None else None})
     return pd.DataFrame(rows, columns=["experiment", "commit", "status", "val_bpb", "memory_gb", "runs", "seeds",
-                                       "description", *COSTS, "rule", "flags", "refused"])
+                                       "description", "steps", "tokens_M", "rule", "flags", "refused", "gain", "floors"])
 
 
-def _run_costs(runs):
-    """COSTS of `runs`: median steps, mean tokens (millions), training and total seconds; None where none has one."""
-    def mean(values):
-        values = [float(v) for v in values if v not in (None, "")]
-        return sum(values) / len(values) if values else None
-
-    steps = [r["num_steps"] for r in runs if r["num_steps"] is not None]
-    served = [int(f["train_tokens"]) / 1e6 for f in (parse_receipt_field(r["receipt"]) for r in runs)
-              if "train_tokens" in f]
-    return {"steps": statistics.median(steps) if steps else None, "tokens_M": mean(served),
-            "training_seconds": mean(r["training_seconds"] for r in runs),
-            "total_seconds": mean(r["total_seconds"] for r in runs)}
+def streak(df):
+    """How many experiments in a row, up to the last, were discarded or crashed since the last keep (an experiment
+    whose every run was refused was not judged, and counts for nothing)."""
+    n = 0
+    for r in experiments(df).itertuples():
+        n = 0 if r.status == "keep" else n + (r.status in ("discard", "crash") and (r.runs > 0 or r.refused == 0))
+    return n
 
 
 def _num(x):
@@ -884,20 +876,14 @@ def summarize(df):
     best = best_commit(df)
     best_row = results[results["commit"] == best].iloc[0] if best is not None else None
     claimed = round(baseline - best_row["val_bpb"], 6) if best_row is not None else None  # no float noise
-    kept = []
-    for r in results[results["status"] == "keep"].itertuples():
-        k = {"experiment": int(r.experiment), "commit": r.commit, "val_bpb": round(float(r.val_bpb), 6),
-             "memory_gb": _num(r.memory_gb), "runs": int(r.runs), "seeds": r.seeds, "description": r.description,
-             **{c: _num(getattr(r, c)) for c in COSTS}, "rule": r.rule, "flags": r.flags}
-        if r.commit in n["seen"]:  # its gain over the best before it, as its verdict measured it
-            night, c = n["seen"][r.commit]
-            gain, floors = float(c.diff[0]), round(float(c.diff[0] / night.floor[0]), 2)
-        elif kept:  # no noise measured (the plain rule, the reference's files): over the kept one before it
-            gain, floors = kept[-1]["val_bpb"] - k["val_bpb"], None
-        if kept:
-            k.update(gain=round(gain, 6), gain_floors=floors, within_noise=floors is not None and floors < 1,
-                     check=floors is not None and floors > IMPLAUSIBLE_FLOORS)
-        kept.append(k)
+    rows = exps.to_dict("records")
+    for r in rows:
+        r.update({k: _num(r[k]) for k in ("memory_gb", "steps", "tokens_M", "gain", "floors")},
+                 val_bpb=round(r["val_bpb"], 6))
+    kept = [r for r in rows if r["status"] == "keep" and r["val_bpb"] > 0]
+    for before, k in zip(kept, kept[1:]):  # not judged by the noise rule (the plain rule, the reference's files):
+        if k["gain"] is None:              # the gain over the kept one before it
+            k["gain"] = round(before["val_bpb"] - k["val_bpb"], 6)
     conf = confirmation(df)
     if conf is not None:
         bpb = results.set_index("commit")["val_bpb"]
@@ -905,15 +891,11 @@ def summarize(df):
                     claimed=round(float(bpb[conf["baseline"]] - bpb[conf["best"]]), 6))
     night = n["night"] if best is not None else None
     return {
-        "n_experiments": len(exps),
-        "n_runs": int((df["verdict"] != "confirm").sum()),
-        "n_confirmation_runs": int((df["verdict"] == "confirm").sum()),
-        "counts": counts,
+        "n_experiments": len(exps), "n_runs": int((df["verdict"] != "confirm").sum()),
+        "n_confirmation_runs": int((df["verdict"] == "confirm").sum()), "counts": counts,
         "keep_rate": counts["keep"] / len(exps) if len(exps) else None,
-        "noise": dict(n["noise"], **n["like"]),
-        "speed_swings": {c: list(v) for c, v in n["swings"].items()},
-        "baseline_val_bpb": baseline,
-        "best_commit": best,
+        "noise": dict(n["noise"], **n["like"]), "speed_swings": {c: list(v) for c, v in n["swings"].items()},
+        "baseline_val_bpb": baseline, "best_commit": best,
         "best_val_bpb": float(best_row["val_bpb"]) if best_row is not None else None,  # the mean of its runs
         "best_estimate": float(night.mu[0]) if night is not None else None,
         "best_estimate_sd": float(np.sqrt(night.v[0])) if night is not None else None,
@@ -921,88 +903,97 @@ def summarize(df):
         "improvement_abs": claimed,
         "improvement_pct": round(100 * claimed / baseline, 4) if claimed is not None else None,
         "improvement_floors": round(claimed / floor, 2) if claimed is not None and floor else None,
-        "kept": kept,
-        "top_hits": sorted((dict(k) for k in kept if "gain" in k), key=lambda k: k["gain"], reverse=True),
-        "confirmation": conf,
+        "streak": streak(df), "kept": kept, "experiments": rows, "confirmation": conf,
         "refused": {code: int(c) for code, c in df.loc[df["verdict"] == "refused", "flags"]
                     .str.removeprefix("refused:").value_counts().items()},
-        "by_hand": [r.commit for r in exps.itertuples() if r.rule == "hand"],
+        "by_hand": [r["commit"] for r in rows if r["rule"] == "hand"],
     }
 
 
-def format_report(summary):
-    """The summary as a short text report."""
-    s, c, nz = summary, summary["counts"], summary["noise"]
-    n = s["n_experiments"]
+def format_report(s):
+    """The summary in at most REPORT_LINES lines: the counts, the noise, the best and its confirmation; the kept
+    stack with what each cost and what it was flagged for; the near misses (discarded, better than the best then by
+    less than a floor: candidates to combine); the latest experiments, and every earlier one by its description."""
+    c, nz, n = s["counts"], s["noise"], s["n_experiments"]
+
+    def floors(r):
+        return "" if r["floors"] is None else f"{r['floors']:+.1f}" + "~" * (0 < r["floors"] < 1 and r["status"]
+                                                                          == "keep")
+
+    def row(r):
+        status = "refused" if r["refused"] and not r["runs"] else r["status"]
+        return f"  {status:<8} {floors(r):>6}  {r['commit']}  {r['description']}"
+
     lines = [f"{n} experiments ({s['n_runs']} runs): {c['keep']} keep, {c['discard']} discard, {c['crash']} crash"
              + (f", {c['pending']} pending a rerun" if c["pending"] else "")
              + (f", {c['other']} unknown status" if c["other"] else "")
              + (f" (keep rate {100 * s['keep_rate']:.1f}%)" if n else "")]
     if nz["floor"] is not None:
-        spread = f"; seed for seed, a run's spread {nz['spread']:.6f} on {nz['spread_dof']} dof" if nz["spread"] else ""
-        lines.append(f"noise floor:      {nz['floor']:.6f} (seed to seed: sqrt(2) * sigma {nz['sigma']:.6f}, "
-                     f"{nz['dof']} degrees of freedom{spread}; {_describe(nz)})")
+        spread = f"; a run's spread seed for seed {nz['spread']:.6f}, {nz['spread_dof']} dof" if nz["spread"] else ""
+        lines.append(f"noise floor:      {nz['floor']:.6f} (sqrt(2) * sigma {nz['sigma']:.6f}, {nz['dof']} dof{spread}; "
+                     f"{_describe(nz)})")
     elif n:
         lines.append("noise floor:      none yet (the baseline has run under fewer than two seeds)")
     if s["speed_swings"]:
-        lo = min(a for a, _ in s["speed_swings"].values())
-        hi = max(b for _, b in s["speed_swings"].values())
+        lo, hi = min(a for a, _ in s["speed_swings"].values()), max(b for _, b in s["speed_swings"].values())
         lines.append(f"speed:            the machine's speed swings ({lo}-{hi} steps a run; the runs of "
                      f"{', '.join(s['speed_swings'])} disagree): that noise is counted, but comparisons between runs "
                      "at different step counts measure the machine too; run on an otherwise idle machine")
     if s["baseline_val_bpb"] is not None:
         lines.append(f"baseline val_bpb: {s['baseline_val_bpb']:.6f}")
     if s["best_val_bpb"] is not None:
-        est = (f"; estimated {s['best_estimate']:.6f}, sd {s['best_estimate_sd']:.6f}"
-               if s["best_estimate"] is not None else "")
-        lines.append(f"best val_bpb:     {s['best_val_bpb']:.6f} (mean of its runs{est}; {s['best_commit']}: "
-                     f"{s['best_description']})")
-        lines.append(f"improvement:      {s['improvement_abs']:.6f} ({s['improvement_pct']:.2f}%"
-                     + (f", {s['improvement_floors']:.1f} noise floors" if s["improvement_floors"] is not None else "")
-                     + "), as claimed by the decision runs")
+        est = f"; estimated {s['best_estimate']:.6f}, sd {s['best_estimate_sd']:.6f}" if s["best_estimate"] else ""
+        lines += [f"best val_bpb:     {s['best_val_bpb']:.6f} (mean of its runs{est}; {s['best_commit']}: "
+                  f"{s['best_description']})",
+                  f"improvement:      {s['improvement_abs']:.6f} ({s['improvement_pct']:.2f}%"
+                  + (f", {s['improvement_floors']:.1f} noise floors" if s["improvement_floors"] is not None else "")
+                  + "), as claimed by the decision runs"]
     conf = s["confirmation"]
-    if conf is not None and conf["gain"] is not None:
-        lines.append(f"confirmation:     {gain_text(conf)}; claimed {conf['claimed']:.6f}")
-    elif conf is not None:
-        lines.append(f"confirmation:     not yet ({conf['done']} of {conf['needed']} confirmation runs; "
-                     "`uv run analysis.py confirm` says what to run)")
-    if s["kept"]:
-        lines += ["", "kept experiments (val_bpb: mean of the runs; gain: over the best before it, as its verdict "
-                      "measured it, in the noise floor of that verdict; ~ marks a gain within the noise):",
-                  f"  {'#':>4}  {'commit':<8} {'val_bpb':>9} {'runs':>4} {'mem_gb':>7} {'floors':>7}  description"]
-        for k in s["kept"]:
-            mem = f"{k['memory_gb']:.1f}" if k["memory_gb"] is not None else "-"
-            floors = f"{k['gain_floors']:+.1f}" if k.get("gain_floors") is not None else ""
-            lines.append(f"  {k['experiment']:>4}  {k['commit']:<8} {k['val_bpb']:>9.6f} {k['runs']:>4} {mem:>7} "
-                         f"{floors:>6}{'~' if k.get('within_noise') else ' '}  {k['description']}")
-        lines += ["", "review (each kept change next to the baseline: median steps, tokens trained in millions, mean "
-                      "training and total seconds, lines of train.py changed against the best before it):",
-                  f"  {'#':>4}  {'commit':<8} {'steps':>6} {'tokens_M':>9} {'train_s':>8} {'total_s':>8} "
-                  f"{'lines':>9}  rule   flags"]
-        for k in s["kept"]:
-            cells = ["-" if k[c] is None else f"{k[c]:.0f}" if c == "steps" else f"{k[c]:.1f}" for c in COSTS]
-            notes = [flag_text(k["flags"])]
-            if k.get("check"):
-                notes.append(f"check this ({k['gain_floors']:.0f} noise floors from one edit)")
-            lines.append(f"  {k['experiment']:>4}  {k['commit']:<8} {cells[0]:>6} {cells[1]:>9} {cells[2]:>8} "
-                         f"{cells[3]:>8} {k.get('lines') or '-':>9}  {k['rule'] or '-':<5}  "
-                         + "; ".join(x for x in notes if x))
-    if s["refused"] or s["by_hand"]:
-        lines.append("")
+    if conf is not None:
+        lines.append("confirmation:     " + (f"{confirmation_line(conf)}; claimed {conf['claimed']:.6f}" if conf["gain"]
+                                             is not None else f"not yet ({conf['done']} of {conf['needed']} runs; "
+                                             "`uv run analysis.py confirm` says what to run)"))
     if s["refused"]:
         lines.append(f"refused runs:     {sum(s['refused'].values())} (" + ", ".join(
             f"{c} {REFUSALS.get(code, code)}" for code, c in s["refused"].items()) + "), not counted")
     if s["by_hand"]:
         lines.append(f"set by hand:      {', '.join(s['by_hand'])} (status set with `mark`, not by the rule)")
-    if s["top_hits"]:
-        lines += ["", "top hits (the verdicts' gains over the best before them):"]
-        for rank, h in enumerate(s["top_hits"], start=1):
-            floors = f" ({h['gain_floors']:+.1f} floors{', within the noise' if h['within_noise'] else ''})" \
-                if h["gain_floors"] is not None else ""
-            lines.append(f"  {rank:>2}. {h['gain']:+.6f}{floors}  {h['commit']:<8} {h['description']}")
+    if n:
+        lines.append(f"in a row:         {s['streak']} discarded since the last keep"
+                     + ("; try something structurally different" if s["streak"] >= NUDGE_AFTER else ""))
+    kept = []
+    for k in s["kept"]:
+        notes = [k["rule"] == "plain" and "plain rule", k["rule"] == "hand" and "by hand", flag_text(k["flags"]),
+                 (k["floors"] or 0) > IMPLAUSIBLE_FLOORS and f"check this: {k['floors']:.0f} floors from one edit"]
+        notes = "; ".join(x for x in notes if x)
+        steps = "-" if k["steps"] is None else f"{k['steps']:.0f}"
+        kept.append(f"  {k['experiment']:>3}  {k['commit']:<8} {k['val_bpb']:.6f} {k['runs']:>4} {floors(k):>6} "
+                    f"{steps:>5}  {k['description']}" + (f"  [{notes}]" if notes else ""))
+    if kept:
+        lines += ["", "kept (floors: its gain as judged, ~ within the noise; steps: a run's):",
+                  f"  {'#':>3}  {'commit':<8} {'val_bpb':<8} {'runs':>4} {'floors':>6} {'steps':>5}  description"]
+        lines += kept if len(kept) <= 20 else [f"  ... {len(kept) - 19} earlier keeps"] + kept[-19:]
+    near = sorted((r for r in s["experiments"] if r["status"] == "discard" and r["floors"] and 0 < r["floors"] < 1),
+                  key=lambda r: -r["floors"])[:8]
+    if near:
+        lines += ["", "near misses (discarded, better by less than a floor: combine them?):"]
+        lines += map(row, near)
+    recent = s["experiments"][-10:]
+    if recent:
+        lines += ["", f"the last {len(recent)} (gain in noise floors):"] + list(map(row, recent))
+    earlier = [r["description"] for r in s["experiments"][:-len(recent) or None] if r["status"] != "keep"]
+    if earlier:
+        lines += ["", "tried before those, not kept:"]
+        line = " "
+        for d in earlier:
+            if len(line) + len(d) > 117:
+                lines.append(line)
+                line = " "
+            line += f" {d} ·"
+        lines.append(line)
+    if len(lines) > REPORT_LINES:
+        lines = lines[:REPORT_LINES - 1] + ["  ... (the rest: results.tsv)"]
     return "\n".join(lines)
-
-
 # -----------------------------------------------------------------------------
 # Progress plot
 
@@ -1073,17 +1064,7 @@ def plot_progress(df, path):
 
 
 # -----------------------------------------------------------------------------
-# Where the night is, for an agent that lost its context: status and digest (both only read)
-
-
-def streak(df):
-    """How many experiments in a row, up to the last, were discarded or crashed since the last keep (an experiment
-    whose every run was refused was not judged, and counts for nothing)."""
-    n = 0
-    for r in experiments(df).itertuples():
-        judged = r.runs > 0 or r.refused == 0
-        n = 0 if r.status == "keep" else n + (r.status in ("discard", "crash") and judged)
-    return n
+# Where the loop stands, for an agent that lost its context (only reads)
 
 
 def _read(path):
@@ -1140,114 +1121,8 @@ def status(df, repo=".", log="run.log"):
                         f"next: AUTORESEARCH_SEED={v.seed} timeout 600 uv run train.py > run.log 2>&1"]
     if head != best:
         return lines + [f"{head}: {v.status}, not reset yet", "next: git reset --hard HEAD~1"]
-    return lines + [f"{head} is the best; `uv run analysis.py digest` lists what was tried",
+    return lines + [f"{head} is the best; `uv run analysis.py` lists what was tried",
                     "next: a new idea (program.md, the loop, step 2)"]
-
-
-def digest(df):
-    """What the night tried, in at most DIGEST_LINES lines, for a fresh context choosing the next idea: the kept
-    stack with gains in noise floors (as judged), the near misses (discarded, better than the best then by less than
-    a floor: candidates to combine), the latest experiments, and every earlier one by its description."""
-    n = the_night(df)
-    seen = n["seen"] if n else {}
-    s, exps = summarize(df), experiments(df, n)
-
-    def floors(commit):
-        return f"{seen[commit][1].diff[0] / seen[commit][0].floor[0]:+5.1f}" if commit in seen else "     "
-
-    def row(r):
-        return f"  {r.status:<8} {floors(r.commit)}  {r.commit}  {r.description}"
-
-    out = [f"{s['n_experiments']} experiments, {s['n_runs']} runs; best {s['best_commit']}"
-           + (f" {s['best_val_bpb']:.6f}, baseline {s['baseline_val_bpb']:.6f}" if s["best_val_bpb"] else "")
-           + (f", noise floor {s['noise']['floor']:.6f}" if s["noise"]["floor"] else ""),
-           f"discarded in a row since the last keep: {streak(df)}"
-           + ("; try something structurally different" if streak(df) >= NUDGE_AFTER else "")]
-    kept = [row(r) for r in exps[exps["status"] == "keep"].itertuples()]
-    out += ["", "kept, in order (gain over the best before it, in noise floors):"]
-    out += kept if len(kept) <= 20 else [f"  ... {len(kept) - 19} earlier keeps"] + kept[-19:]
-    near = sorted((r for r in exps.itertuples() if r.status == "discard" and r.commit in seen
-                   and 0 < seen[r.commit][1].diff[0] < seen[r.commit][0].floor[0]),
-                  key=lambda r: -seen[r.commit][1].z[0])[:8]
-    out += ["", "near misses (combine them?):"] + ([row(r) for r in near] or ["  none"])
-    recent = exps.tail(12)
-    out += ["", f"the last {len(recent)}:"] + [row(r) for r in recent.itertuples()]
-    earlier = [r.description for r in exps.iloc[:-len(recent)].itertuples() if r.status != "keep"]
-    if earlier:
-        out += ["", "tried before those, not kept:"]
-        line = " "
-        for d in earlier:
-            if len(line) + len(d) > 117:
-                out.append(line)
-                line = " "
-            line += f" {d} ·"
-        out.append(line)
-    if len(out) > DIGEST_LINES:
-        out = out[:DIGEST_LINES - 1] + ["  ... (the rest: results.tsv)"]
-    return out
-
-
-# -----------------------------------------------------------------------------
-# Integrity
-
-
-def _git(repo_dir, *args):
-    return subprocess.run(["git", "-C", repo_dir, *args], capture_output=True, text=True)
-
-
-def _git_lines(repo_dir, *args):
-    """git's output lines in `repo_dir`, or None when git fails (no git, no repository, an unknown commit)."""
-    try:
-        r = _git(repo_dir, *args)
-    except OSError:
-        return None
-    return r.stdout.splitlines() if r.returncode == 0 else None
-
-
-def check_integrity(repo_dir, df):
-    """Whether any kept commit changed a file but train.py (record refuses that; this catches rows from elsewhere),
-    and the lines of train.py each changed: {checked, problems, notes, message, lines: {commit: "+a -d"}}. A missing
-    commit or repository is noted, never an error."""
-    problems, notes, checked, changed = [], [], 0, {}
-    exps = experiments(df)
-    kept = exps[(exps["status"] == "keep") & (exps["val_bpb"] > 0)]
-    try:
-        inside = _git(repo_dir, "rev-parse", "--is-inside-work-tree").stdout.strip() == "true"
-        why = f"{repo_dir} is not a git repository"
-    except FileNotFoundError:  # no git on PATH
-        inside, why = False, "git is not on PATH"
-    except NotADirectoryError:
-        inside, why = False, f"{repo_dir} is not a directory"
-    if not inside:
-        message = f"integrity: not checked ({why})"
-        return {"checked": 0, "problems": [], "notes": [message], "message": message, "lines": {}}
-    base = exps["commit"].iloc[0] if len(exps) else None
-    for before, commit in zip(kept["commit"], kept["commit"].iloc[1:]):
-        if not re.fullmatch(r"[0-9a-fA-F]{4,40}", commit):
-            notes.append(f"{commit!r} is not a commit hash")
-            continue
-        files = _git_lines(repo_dir, "diff", "--name-only", base, commit)
-        if files is None:
-            notes.append(f"commit {commit} or the baseline {base} not found in this repository")
-            continue
-        checked += 1
-        others = [f for f in files if f != EDITABLE]
-        if others:
-            problems.append(f"commit {commit} changed {', '.join(others)}")
-        numstat = _git_lines(repo_dir, "diff", "--numstat", before, commit, "--", EDITABLE) or ["0\t0\t"]
-        changed[commit] = "+{} -{}".format(*numstat[0].split("\t")[:2])
-    if problems:
-        message = f"integrity: FAILED ({len(problems)} of {checked} kept commits changed files other than " \
-                  f"{EDITABLE} against the baseline: " + "; ".join(problems) + ")"
-    elif checked:
-        message = f"integrity: ok ({checked} kept commits checked)"
-    elif notes:
-        message = f"integrity: not checked ({len(notes)} kept commits not found in the git repository at {repo_dir})"
-    else:
-        message = "integrity: nothing to check (no kept experiments after the baseline)"
-    if notes and checked:
-        message += f"; {len(notes)} not checked"
-    return {"checked": checked, "problems": problems, "notes": notes, "message": message, "lines": changed}
 
 
 # -----------------------------------------------------------------------------
@@ -1278,13 +1153,13 @@ def _error(message):
 def main(argv=None):
     parser = argparse.ArgumentParser(description="Record, judge and report autoresearch runs (results.tsv).")
     parser.add_argument("command", nargs="?", default="report",
-                        choices=("report", "record", "judge", "confirm", "mark", "status", "digest"),
-                        help="report (default); record a run from its log; judge the latest commit again, with the "
-                             "evidence; confirm: the next confirmation run, or the confirmed gain; mark the latest "
-                             "commit keep or discard by hand (the simplicity criterion); status: where the loop "
-                             "stands and the next command; digest: what the night tried, in a page")
+                        choices=("report", "record", "judge", "confirm", "mark", "status"),
+                        help="report (default): the night in a page; record a run from its log; judge the latest "
+                             "commit again, with the evidence; confirm: the next confirmation run, or the confirmed "
+                             "gain; mark the latest commit keep or discard by hand (the simplicity criterion); "
+                             "status: where the loop stands and the next command")
     parser.add_argument("--tsv", default="results.tsv", help="path to results.tsv (default: results.tsv)")
-    parser.add_argument("--json", action="store_true", help="report: print the summary, warnings and integrity as JSON")
+    parser.add_argument("--json", action="store_true", help="report: print the summary and warnings as JSON")
     parser.add_argument("--plot", metavar="PATH", help="report: write the progress figure (PNG) to PATH")
     parser.add_argument("--log", default="run.log", help="record: the run's log (default: run.log)")
     parser.add_argument("--description", help="record: what the experiment tried (no tabs; a rerun reuses the "
@@ -1302,13 +1177,10 @@ def main(argv=None):
     if args.command == "record":
         if not os.path.isfile(args.log):
             return _error(f"{args.log}: no such file; run `uv run train.py > run.log 2>&1` first")
-        commit = args.commit
-        if not commit:
-            try:
-                head = _git(".", "rev-parse", "--short=7", "HEAD")
-            except FileNotFoundError:
-                return _error("git is not on PATH; install git (or give --commit <hash>)")
-            commit = head.stdout.strip() if head.returncode == 0 else None
+        try:
+            commit = args.commit or _git_head()
+        except FileNotFoundError:
+            return _error("git is not on PATH; install git (or give --commit <hash>)")
         if not commit:
             return _error("not in a git repository; run from the repository (or give --commit)")
         with open(args.log, encoding="utf-8", errors="replace") as f:
@@ -1335,8 +1207,8 @@ def main(argv=None):
     if args.command == "confirm":
         print(confirmation_line(confirmation(df)))
         return 0
-    if args.command in ("status", "digest"):
-        print("\n".join(status(df, log=args.log) if args.command == "status" else digest(df)))
+    if args.command == "status":
+        print("\n".join(status(df, log=args.log)))
         return 0
     if args.command == "mark":
         if not args.status:
@@ -1348,20 +1220,12 @@ def main(argv=None):
         print(f"{args.status}: {commit} marked by hand")
         return 0
     summary = summarize(df)
-    integrity = check_integrity(os.path.dirname(os.path.abspath(args.tsv)), df)
-    for k in summary["kept"]:
-        k["lines"] = integrity["lines"].get(k["commit"])
     if args.json:
-        print(json.dumps(dict(summary, tsv=args.tsv, warnings=warnings, integrity=integrity), indent=2))
+        print(json.dumps(dict(summary, tsv=args.tsv, warnings=warnings), indent=2))
     else:
         print(f"{args.tsv}: " + format_report(summary))
-        if warnings:
-            print(f"\n{len(warnings)} warnings:")
-            for w in warnings:
-                print(f"  {w}")
-        print("\n" + integrity["message"])
-        for note in integrity["notes"] if integrity["checked"] else []:
-            print(f"  {note}")
+        for line in [f"\n{len(warnings)} warnings:"] * bool(warnings) + [f"  {w}" for w in warnings]:
+            print(line)
     if args.plot:
         try:
             written = plot_progress(df, args.plot)

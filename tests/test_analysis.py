@@ -1,7 +1,7 @@
 """
 Tests for analysis.py, analysis.ipynb and the shell commands in program.md: messy results.tsv input, the
-summary and its JSON, the progress plot, the integrity check against a real git repository, the notebook
-run headless, and the loop's record-the-result block run on fake run.logs.
+report and its JSON, the progress plot, the flags of a diff in a real git repository, the notebook run
+headless, and the loop's record-the-result block run on fake run.logs.
 
 Run: uv run pytest tests/test_analysis.py
 """
@@ -36,7 +36,7 @@ PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
 sys.path.insert(0, str(ROOT))
 import analysis  # noqa: E402
-from analysis import check_integrity, format_report, load_results, plot_progress, summarize  # noqa: E402
+from analysis import format_report, load_results, plot_progress, summarize  # noqa: E402
 
 
 def run_cli(*args, real=False):
@@ -83,18 +83,17 @@ def test_summary_of_example():
     assert s["improvement_pct"] == pytest.approx(100 * 0.0203 / 0.9979, abs=1e-4)
     assert [k["commit"] for k in s["kept"]] == ["a1b2c3d", "b2c3d4e", "f6a7b8c", "b8c9d0e", "e1f2a3b", "a3b4c5d",
                                                 "c5d6e7f"]
-    assert s["kept"][0] == {"experiment": 0, "commit": "a1b2c3d", "val_bpb": 0.9979, "memory_gb": 44.0,
-                            "runs": 1, "seeds": [], "description": "baseline", "steps": None, "tokens_M": None,
-                            "training_seconds": None, "total_seconds": None, "rule": "", "flags": []}
+    assert s["kept"][0] == {"experiment": 0, "commit": "a1b2c3d", "status": "keep", "val_bpb": 0.9979,
+                            "memory_gb": 44.0, "runs": 1, "seeds": [], "description": "baseline", "steps": None,
+                            "tokens_M": None, "rule": "", "flags": [], "refused": 0, "gain": None, "floors": None}
     assert s["noise"]["floor"] is None  # five columns: no seeds, so no noise measured
 
 
-def test_top_hits_rank_kept_experiments_by_gain_over_the_previous_kept_one():
-    hits = summarize(load_results(EXAMPLE)[0])["top_hits"]
-    assert len(hits) == 6  # every kept experiment but the baseline
-    assert [h["commit"] for h in hits[:3]] == ["a3b4c5d", "b8c9d0e", "b2c3d4e"]
-    assert hits[0]["gain"] == pytest.approx(0.9839 - 0.9781)
-    assert [h["gain"] for h in hits] == sorted((h["gain"] for h in hits), reverse=True)
+def test_without_measured_noise_a_kept_gain_is_over_the_kept_one_before_it():
+    kept = summarize(load_results(EXAMPLE)[0])["kept"]
+    gains = {k["commit"]: k["gain"] for k in kept[1:]}  # every kept experiment but the baseline
+    assert gains["a3b4c5d"] == pytest.approx(0.9839 - 0.9781) == max(gains.values())
+    assert all(k["floors"] is None for k in kept)  # no floor to count them in
 
 
 def test_a_real_five_column_file_still_loads_and_reads_as_before():
@@ -186,7 +185,7 @@ def test_header_only_file_is_zero_experiments(tmp_path):
     assert len(df) == 0 and warnings == []
     s = summarize(df)
     assert s["n_experiments"] == 0 and s["keep_rate"] is None and s["best_val_bpb"] is None
-    assert s["kept"] == [] and s["top_hits"] == []
+    assert s["kept"] == [] and s["experiments"] == []
     assert format_report(s).startswith("0 experiments")
     assert plot_progress(df, tmp_path / "p.png") is None
     assert not (tmp_path / "p.png").exists()
@@ -222,7 +221,7 @@ def test_cli_text_report_of_example():
     assert "15 experiments (15 runs): 7 keep, 6 discard, 2 crash (keep rate 46.7%)" in r.stdout
     assert "noise floor:      none yet (the baseline has run under fewer than two seeds)" in r.stdout
     assert "best val_bpb:     0.977600" in r.stdout and "improvement:      0.020300 (2.03%)" in r.stdout
-    assert "integrity:" in r.stdout
+    assert len(r.stdout.splitlines()) <= analysis.REPORT_LINES + 1  # the path and the report
 
 
 def test_cli_on_messy_input_reports_warnings_without_failing():
@@ -260,20 +259,17 @@ def test_cli_json_shape():
     assert r.returncode == 0
     out = json.loads(r.stdout)
     assert {"n_experiments", "n_runs", "counts", "keep_rate", "noise", "baseline_val_bpb", "best_val_bpb",
-            "improvement_abs", "improvement_pct", "improvement_floors", "kept", "top_hits", "confirmation", "warnings",
-            "integrity"} <= set(out)
-    assert out["n_experiments"] == 6 and out["counts"]["crash"] == 2
-    kept = {"experiment", "commit", "val_bpb", "memory_gb", "runs", "seeds", "description", *analysis.COSTS, "rule",
-            "flags"}
-    assert set(out["kept"][0]) == kept | {"lines"}  # train.py's lines changed, from git (None: not in a repository)
-    assert set(out["top_hits"][0]) == kept | {"gain", "gain_floors", "within_noise", "check"}
+            "improvement_abs", "improvement_pct", "improvement_floors", "kept", "experiments", "confirmation",
+            "warnings", "streak"} <= set(out)
+    assert out["n_experiments"] == 6 and out["counts"]["crash"] == 2 and len(out["experiments"]) == 6
+    assert set(out["kept"][0]) == {"experiment", "commit", "status", "val_bpb", "memory_gb", "runs", "seeds",
+                                   "description", "steps", "tokens_M", "rule", "flags", "refused", "gain", "floors"}
     assert set(out["noise"]) == {"floor", "sigma", "dof", "spread", "spread_dof", "device", "attention", "time_budget",
                                  "eval_tokens"}
     assert {"best_commit", "best_estimate", "best_estimate_sd", "speed_swings"} <= set(out)
     assert out["n_confirmation_runs"] == 0 and out["confirmation"]["gain"] is None  # a best, not confirmed yet
     assert set(out["confirmation"]) == {"baseline", "best", "seeds", "todo", "done", "needed", "gain", "claimed"}
     assert len(out["warnings"]) == 5
-    assert set(out["integrity"]) == {"checked", "problems", "notes", "message", "lines"}
     assert out["refused"] == {} and out["by_hand"] == []
 
 
@@ -299,7 +295,7 @@ def test_plot_with_only_discards_and_crashes(tmp_path):
 
 
 # -----------------------------------------------------------------------------
-# Integrity check in a real git repository
+# The flags of a diff, in a real git repository
 
 
 GIT_ENV = {**os.environ, "GIT_AUTHOR_NAME": "t", "GIT_AUTHOR_EMAIL": "t@t", "GIT_COMMITTER_NAME": "t",
@@ -319,44 +315,12 @@ def commit(repo, message, **files):
     return git(repo, "rev-parse", "--short=7", "HEAD")
 
 
-@pytest.fixture
-def repo(tmp_path):
-    """main: a root commit, then a commit changing prepare.py (the lead's work, the baseline). The agent then
-    keeps a train.py change, keeps a prepare.py change (cheating) and discards a pyproject.toml change."""
-    repo = tmp_path / "repo"
-    repo.mkdir()
-    git(repo, "init", "-q", "-b", "main")
-    (repo / ".gitignore").write_text("results.tsv\n")
-    commit(repo, "init", prepare_py="A = 1\n", train_py="LR = 1\n", pyproject_toml="[project]\n")
-    base = commit(repo, "fix prepare", prepare_py="A = 2\n")
-    good = commit(repo, "lr 2", train_py="LR = 2\n")
-    bad = commit(repo, "peek at val", prepare_py="A = 3\n", train_py="LR = 3\n")
-    discarded = commit(repo, "new dep", pyproject_toml="[project]\ndependencies = ['x']\n")
-    rows = [f"{base}\t0.990000\t40.0\tkeep\tbaseline", f"{good}\t0.980000\t40.0\tkeep\tlr 2",
-            f"{bad}\t0.970000\t40.0\tkeep\tpeek", f"{discarded}\t0.990000\t40.0\tdiscard\tdep"]
-    write_tsv(repo / "results.tsv", *rows)
-    return repo, base, good, bad
-
-
-def test_integrity_ok_for_a_kept_commit_that_only_changed_train_py(repo):
-    repo, base, good, bad = repo
-    df, _ = load_results(repo / "results.tsv")
-    result = check_integrity(str(repo), df[df["commit"] != bad])
-    assert result["problems"] == [] and result["checked"] == 1
-    assert result["message"] == "integrity: ok (1 kept commits checked)"
-
-
-def test_integrity_flags_a_kept_commit_that_changed_prepare_py(repo):
-    repo, base, good, bad = repo
-    result = check_integrity(str(repo), load_results(repo / "results.tsv")[0])
-    assert result["checked"] == 2
-    assert result["problems"] == [f"commit {bad} changed prepare.py"]  # not the baseline, not the discard
-    assert "FAILED" in result["message"] and bad in result["message"]
-
-
-def test_a_diff_is_flagged_by_its_code_never_by_a_word_in_a_comment(repo):
+def test_a_diff_is_flagged_by_its_code_never_by_a_word_in_a_comment(tmp_path):
     """`budget` in a comment runs nothing: only the code of the changed lines names a flag for the morning."""
-    repo, base, good, bad = repo
+    repo = tmp_path
+    git(repo, "init", "-q", "-b", "main")
+    base = commit(repo, "baseline", train_py="LR = 1\n")
+    good = commit(repo, "lr 2", train_py="LR = 2\n")
     comment = commit(repo, "warmdown", train_py="LR = 2\nWARMDOWN = 0.3  # fraction of the budget at the end\n")
     code = commit(repo, "shorter budget", train_py="LR = 2\nWARMDOWN = 0.3\nTIME_BUDGET = 1\n")
     rows = [f"{base}\t0.990000\t40.0\tkeep\tbaseline", f"{good}\t0.980000\t40.0\tkeep\tlr 2"]
@@ -364,20 +328,6 @@ def test_a_diff_is_flagged_by_its_code_never_by_a_word_in_a_comment(repo):
     receipt = {"wall": 1.0, "budget": 1.0, "train_tokens": 1}
     assert analysis.flags_of(decisions, comment, receipt, [], str(repo)) == []
     assert analysis.flags_of(decisions, code, receipt, [], str(repo)) == ["time"]
-
-
-def test_cli_reports_integrity_problems(repo):
-    repo, base, good, bad = repo
-    out = json.loads(run_cli("--tsv", repo / "results.tsv", "--json").stdout)
-    assert out["integrity"]["problems"] == [f"commit {bad} changed prepare.py"]
-
-
-def test_integrity_outside_a_git_repo_or_with_unknown_commits_does_not_fail(tmp_path):
-    df, _ = load_results(EXAMPLE)
-    outside = check_integrity(str(tmp_path), df)
-    assert outside["checked"] == 0 and outside["problems"] == [] and "not a git repository" in outside["message"]
-    unknown = check_integrity(str(ROOT), df)  # a repository, but not the one these commits came from
-    assert unknown["checked"] == 0 and unknown["problems"] == [] and "not found" in unknown["message"]
 
 
 # -----------------------------------------------------------------------------
@@ -538,8 +488,9 @@ def test_record_names_a_run_that_trained_longer_or_off_the_loader_and_refuses_on
                                                                                           "refused:receipt"]
     report = run_cli("--tsv", tmp_path / "results.tsv").stdout
     assert "refused runs:     1 (1 without one receipt of evaluate_bpb), not counted" in report, report
-    assert re.search(r"^ +1  \w{7} .* plain  more wall clock from first batch to evaluation than the baseline's, no "
-                     r"training batch from make_dataloader$", report, re.M), report
+    assert re.search(r"^ +1  \w{7} .* 953  lr 2  \[plain rule; more wall clock from first batch to evaluation than the "
+                     r"baseline's, no training batch from make_dataloader\]$", report, re.M), report
+    assert re.search(r"^  refused +\w{7}  lr 3$", report, re.M), report
 
 
 @pytest.mark.parametrize("rule, verdict", [("plain", "keep: baseline"), ("noise", "rerun with seed 42")])  # seedless: 42 is asked
