@@ -493,8 +493,9 @@ DIFF_FLAGS = {
 REFUSALS = {"dirty": "with uncommitted changes", "git": "outside the night's repository",
             "files": "changing a file other than train.py", "seed": "under a seed no verdict asked for",
             "receipt": "without one receipt of evaluate_bpb", "summary": "whose summary differs from the receipt",
-            "causal": "of a model that sees later tokens", "again": "repeating an experiment judged already", "val": "reading the validation split",
-            "stale": "of an old or repeated log", "baseline": "scored on other terms than the baseline"}
+            "causal": "of a model that sees later tokens", "val": "reading the validation split",
+            "stale": "of an old or repeated log", "baseline": "scored on other terms than the baseline",
+            "again": "repeating an experiment judged already"}
 # Named from the receipt: seconds from the first training batch to evaluation, past the budget, above twice the
 # baseline's plus 10% of the budget (at least 10 s); or no batch from make_dataloader at all
 RUN_FLAGS = {"wall": "more wall clock from first batch to evaluation than the baseline's",

@@ -365,20 +365,22 @@ def test_notebook_runs_headless(tmp_path, monkeypatch, tsv):
 
 
 @pytest.mark.skipif(shutil.which("uv") is None, reason="needs uv: the README's notebook command is a uv command")
-def test_readme_notebook_command_has_jupyter_lab_and_runs_the_notebook(tmp_path):
+def test_readme_notebook_command_has_jupyter_lab_and_the_notebooks_imports():
     """The README's command for opening the notebook builds an environment that has `jupyter lab` (a plain
-    `uv run jupyter lab` has not) and runs the notebook headless on the example results. `uv run --isolated`
-    builds that environment afresh from the same lock and leaves the project's .venv as it was: ~25 s on
-    2 cores with a warm uv cache; the first time, it fetches the notebook group from the package index."""
+    `uv run jupyter lab` has not), a kernel, and everything the notebook imports (test_notebook_runs_headless runs
+    the notebook itself). `uv run --isolated` builds that environment afresh from the same lock and leaves the
+    project's .venv as it was: ~10 s on 2 cores with a warm uv cache; the first time, it fetches the notebook group
+    from the package index."""
     match = re.search(r"^(uv run\b.*?) jupyter lab analysis\.ipynb$", (ROOT / "README.md").read_text(), re.M)
     assert match, "README.md has no `uv run ... jupyter lab analysis.ipynb` line"
     pinned = re.search(r'"jupyterlab==([^"]+)"', (ROOT / "pyproject.toml").read_text())
     assert pinned, "pyproject.toml pins no jupyterlab version"
-    png = tmp_path / "progress.png"
-    script = (f"jupyter lab --version && jupyter nbconvert --to notebook --execute analysis.ipynb "
-              f"--output-dir {shlex.quote(str(tmp_path))} --output executed")
+    nb = nbformat.read(ROOT / "analysis.ipynb", as_version=4)
+    imports = sorted({m for c in nb.cells if c.cell_type == "code"
+                      for m in re.findall(r"^(?:from|import) ([\w.]+)", c.source, re.M)})
+    assert {"analysis", "IPython.display", "pandas"} <= set(imports), imports
+    script = f"jupyter lab --version && jupyter kernelspec list && python -c 'import {', '.join(imports)}'"
     env = {k: v for k, v in os.environ.items() if k != "VIRTUAL_ENV"}  # set by an outer `uv run pytest`
-    env.update(RESULTS_TSV=str(EXAMPLE), PROGRESS_PNG=str(png))
     uv_run = match.group(1).split()
     result = subprocess.run(uv_run[:2] + ["--isolated"] + uv_run[2:] + ["sh", "-c", script], cwd=ROOT, env=env,
                             capture_output=True, text=True, timeout=600)
@@ -387,13 +389,7 @@ def test_readme_notebook_command_has_jupyter_lab_and_runs_the_notebook(tmp_path)
         pytest.skip("uv could not fetch the notebook group: " + result.stderr.strip().splitlines()[-1])
     assert result.returncode == 0, result.stdout + result.stderr
     assert result.stdout.splitlines()[0] == pinned.group(1), result.stdout
-    nb = nbformat.read(tmp_path / "executed.ipynb", as_version=4)
-    outputs = [o for c in nb.cells if c.cell_type == "code" for o in c.outputs]
-    text = "".join(o.get("text", "") for o in outputs)
-    assert "experiments: 15 (15 runs)" in text and "keep: 7, discard: 6, crash: 2" in text
-    assert "improvement:      0.020300 (2.03%)" in text
-    assert any("image/png" in o.get("data", {}) for o in outputs)
-    assert png.read_bytes()[:8] == PNG_MAGIC
+    assert "python3" in result.stdout, result.stdout  # the kernel the notebook names
 
 
 # -----------------------------------------------------------------------------
