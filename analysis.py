@@ -332,8 +332,8 @@ def judge(df, commit=None, rule="noise"):
     if rule == "plain":  # the reference: one run, strictly lower than the best
         best_bpb, v = _mean(n["values"][best]), float(valid["val_bpb"].iloc[0])
         verdict = "keep" if v < best_bpb else "discard"
-        head = (f"{verdict}: {commit} {v:.6f} vs best {best} {best_bpb:.6f} ({'better' if v < best_bpb else 'not better'}"
-                f" by {abs(v - best_bpb):.6f}; plain rule: keep only if strictly lower)")
+        head = (f"{verdict}: {commit} {v:.6f} vs best {best} {best_bpb:.6f} ({'not ' * (v >= best_bpb)}better by "
+                f"{abs(v - best_bpb):.6f}; plain rule: keep only if strictly lower)")
         return Verdict(verdict, verdict, _line(head, flagged), best=best, diff=best_bpb - v)
     cand = n["values"].get(commit, {})
     if n["night"] is None:
@@ -840,14 +840,16 @@ def experiments(df, night=None):
         rows.append({"experiment": i, "commit": commit, "status": (runs or g)[-1]["status"],
                      "val_bpb": float(np.mean([np.mean(v) for v in per_seed.values()])) if runs else 0.0,
                      "memory_gb": max(memory) if memory else float("nan"), "runs": len(runs),
-                     "seeds": [int(r["seed"]) for r in runs if r["seed"] is not None], "description": g[0]["description"],
-                     "steps": statistics.median(steps) if steps else None,
-                     "tokens_M": sum(tokens) / len(tokens) if tokens else None, "rule": runs[-1]["rule"] if runs else "",
+                     "seeds": [int(r["seed"]) for r in runs if r["seed"] is not None],
+                     "description": g[0]["description"], "steps": statistics.median(steps) if steps else None,
+                     "tokens_M": sum(tokens) / len(tokens) if tokens else None,
+                     "rule": runs[-1]["rule"] if runs else "",
                      "flags": row_flags(g), "refused": sum(r["verdict"] == "refused" for r in g),
                      "gain": float(c.diff[0]) if c is not None else None,
                      "floors": float(c.diff[0] / night.floor[0]) if c is not None else None})
     return pd.DataFrame(rows, columns=["experiment", "commit", "status", "val_bpb", "memory_gb", "runs", "seeds",
-                                       "description", "steps", "tokens_M", "rule", "flags", "refused", "gain", "floors"])
+                                       "description", "steps", "tokens_M", "rule", "flags", "refused", "gain",
+                                       "floors"])
 
 
 def streak(df):
@@ -931,8 +933,8 @@ def format_report(s):
              + (f" (keep rate {100 * s['keep_rate']:.1f}%)" if n else "")]
     if nz["floor"] is not None:
         spread = f"; a run's spread seed for seed {nz['spread']:.6f}, {nz['spread_dof']} dof" if nz["spread"] else ""
-        lines.append(f"noise floor:      {nz['floor']:.6f} (sqrt(2) * sigma {nz['sigma']:.6f}, {nz['dof']} dof{spread}; "
-                     f"{_describe(nz)})")
+        lines.append(f"noise floor:      {nz['floor']:.6f} (sqrt(2) * sigma {nz['sigma']:.6f}, {nz['dof']} dof"
+                     f"{spread}; {_describe(nz)})")
     elif n:
         lines.append("noise floor:      none yet (the baseline has run under fewer than two seeds)")
     if s["speed_swings"]:
