@@ -997,6 +997,8 @@ def format_report(s):
     if len(lines) > REPORT_LINES:
         lines = lines[:REPORT_LINES - 1] + ["  ... (the rest: results.tsv)"]
     return "\n".join(lines)
+
+
 # -----------------------------------------------------------------------------
 # Progress plot
 
