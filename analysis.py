@@ -371,8 +371,9 @@ def judge(df, commit=None, rule="noise"):
     notes += _speed_notes(n, commit, best)
     if verdict == "keep" and diff > IMPLAUSIBLE_FLOORS * floor:
         notes.append(f"check this: {diff / floor:.0f} noise floors is a lot for one edit")
-    if verdict == "discard" and streak(df) >= NUDGE_AFTER:
-        notes.insert(0, f"{streak(df)} discards in a row: try something structurally different")
+    discards = streak(experiments(df, n)) if verdict == "discard" else 0
+    if discards >= NUDGE_AFTER:
+        notes.insert(0, f"{discards} discards in a row: try something structurally different")
     sd = np.sqrt(night.v[0])
     evidence = [
         f"candidate {commit}: " + ", ".join(f"seed {s} {v:.6f}" for s, v in cand.items()),
@@ -852,11 +853,11 @@ def experiments(df, night=None):
                                        "floors"])
 
 
-def streak(df):
-    """How many experiments in a row, up to the last, were discarded or crashed since the last keep (an experiment
-    whose every run was refused was not judged, and counts for nothing)."""
+def streak(exps):
+    """How many experiments (of experiments()) in a row, up to the last, were discarded or crashed since the last keep
+    (an experiment whose every run was refused was not judged, and counts for nothing)."""
     n = 0
-    for r in experiments(df).itertuples():
+    for r in exps.itertuples():
         n = 0 if r.status == "keep" else n + (r.status in ("discard", "crash") and (r.runs > 0 or r.refused == 0))
     return n
 
@@ -906,7 +907,7 @@ def summarize(df):
         "improvement_abs": claimed,
         "improvement_pct": round(100 * claimed / baseline, 4) if claimed is not None else None,
         "improvement_floors": round(claimed / floor, 2) if claimed is not None and floor else None,
-        "streak": streak(df), "kept": kept, "experiments": rows, "confirmation": conf,
+        "streak": streak(exps), "kept": kept, "experiments": rows, "confirmation": conf,
         "refused": {code: int(c) for code, c in df.loc[df["verdict"] == "refused", "flags"]
                     .str.removeprefix("refused:").value_counts().items()},
         "by_hand": [r["commit"] for r in rows if r["rule"] == "hand"],
@@ -1088,7 +1089,7 @@ def status(df, repo=".", log="run.log"):
     best, exps = best_commit(df), experiments(df)
     mine = _decisions(df)[_decisions(df)["commit"] == head]
     lines = [f"branch {branch or '(detached HEAD)'} at {head}; best {best or '-'}; {len(exps)} experiments, "
-             f"{int((exps['status'] == 'keep').sum())} kept, {streak(df)} discarded in a row since the last keep"]
+             f"{int((exps['status'] == 'keep').sum())} kept, {streak(exps)} discarded in a row since the last keep"]
     receipts = parse_receipts(_read(log))
     unrecorded = bool(receipts) and str(receipts[-1].get("commit") or "").startswith(head or "-") and \
         receipts[-1].get("run") not in {parse_receipt_field(f).get("run") for f in df["receipt"]}
